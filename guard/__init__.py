@@ -1,0 +1,1 @@
+"""erasure-guard: training-free, per-request concept erasure for generative models."""

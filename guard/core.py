@@ -1,0 +1,139 @@
+"""The engine-agnostic guard: what to do with a request and with what the model wrote.
+
+Engines (transformers, vLLM, an upstream server) and the HTTP layer only ask this module two
+questions — "may this prompt be answered, and with which concepts erased?" and "may this output be
+sent?" — so every path through the product applies the same policy the same way.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from detectors import Classification, DetectorError, PolicyClassifier
+from guard.policy import ActionType, Policy, load_policy
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from guard.token_penalty import TokenPenalties
+
+
+class ConceptRefused(Exception):
+    """The policy says no: answered as HTTP 400 ``content_policy_violation``, never retried."""
+
+    def __init__(self, concept_ids: Sequence[str], message: str):
+        self.concept_ids = list(concept_ids)
+        self.message = message
+        super().__init__(message)
+
+
+class GuardUnavailable(Exception):
+    """The guard itself could not run (detector, model or policy failure): refuse, never pass through."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A classification split by the action the policy assigns to each flagged concept."""
+
+    classification: Classification
+    refused: list[str] = field(default_factory=list)
+    steered: list[str] = field(default_factory=list)
+    logged: list[str] = field(default_factory=list)
+
+    @property
+    def flagged(self) -> list[str]:
+        return self.classification.flagged_ids
+
+
+@dataclass(frozen=True)
+class PromptDecision:
+    verdict: Verdict
+    penalized: list[str]  # concepts whose token penalties apply while decoding this request
+
+
+class OutputAction(str, Enum):
+    send = "send"
+    regenerate = "regenerate"
+    block = "block"
+
+
+@dataclass(frozen=True)
+class OutputDecision:
+    action: OutputAction
+    verdict: Verdict
+    penalized: list[str] = field(default_factory=list)  # for a regeneration: the wider set to penalise
+    strength: float = 1.0  # for a regeneration: penalty multiplier
+    message: str = ""  # for a block: the policy's message
+
+
+class Guard:
+    """A loaded policy with its detectors; safe to share between concurrent requests."""
+
+    def __init__(self, policy: Policy, show_progress: bool = False):
+        self.policy = policy
+        try:
+            self.classifier = PolicyClassifier(policy, show_progress=show_progress)
+        except DetectorError as err:
+            raise GuardUnavailable(str(err)) from err
+        self._penalties: dict[int, "TokenPenalties"] = {}
+        self._penalties_lock = threading.Lock()
+        self.always_penalized = [c.id for c in policy.concepts
+                                 if c.methods.token_penalty.enabled and c.methods.token_penalty.apply == "always"]
+
+    @classmethod
+    def from_file(cls, path: str | Path, show_progress: bool = False) -> "Guard":
+        return cls(load_policy(path), show_progress=show_progress)
+
+    @property
+    def concept_ids(self) -> list[str]:
+        return [c.id for c in self.policy.concepts]
+
+    def classify(self, texts: Sequence[str]) -> Verdict:
+        try:
+            classification = self.classifier.classify(texts)
+        except DetectorError as err:
+            raise GuardUnavailable(str(err)) from err
+        refused, steered, logged = [], [], []
+        for concept_id in classification.flagged_ids:
+            action = self.policy.concept(concept_id).action.type
+            {ActionType.refuse: refused, ActionType.steer: steered, ActionType.log: logged}[action].append(concept_id)
+        return Verdict(classification, refused, steered, logged)
+
+    def refusal_message(self, concept_ids: Sequence[str]) -> str:
+        """The first refused concept's message, naming every concept involved."""
+        template = self.policy.concept(concept_ids[0]).action.message
+        return template.replace("{concepts}", ", ".join(concept_ids))
+
+    def check_prompt(self, texts: Sequence[str]) -> PromptDecision:
+        """Raise :class:`ConceptRefused` for refused concepts; otherwise say which concepts to erase."""
+        verdict = self.classify(texts)
+        if verdict.refused:
+            raise ConceptRefused(verdict.refused, self.refusal_message(verdict.refused))
+        penalized = [cid for cid in verdict.steered if self.policy.concept(cid).methods.token_penalty.enabled]
+        return PromptDecision(verdict, list(dict.fromkeys(penalized + self.always_penalized)))
+
+    def check_output(self, text: str, decision: PromptDecision, attempt: int = 0) -> OutputDecision:
+        """Decide about generated text; ``attempt`` counts regenerations already made."""
+        verdict = self.classify([text])
+        leaked = verdict.refused + verdict.steered
+        if not leaked:
+            return OutputDecision(OutputAction.send, verdict)
+        retries = min(self.policy.concept(cid).methods.token_penalty.max_regenerations for cid in leaked)
+        if not verdict.refused and attempt < retries:
+            penalized = list(dict.fromkeys(decision.penalized + leaked))
+            return OutputDecision(OutputAction.regenerate, verdict, penalized, strength=2.0 ** (attempt + 1))
+        return OutputDecision(OutputAction.block, verdict, message=self.refusal_message(leaked))
+
+    def token_penalties(self, tokenizer: "PreTrainedTokenizerBase") -> "TokenPenalties":
+        """Per-tokenizer penalty tables, compiled once (tries and vocabulary masks are costly to build)."""
+        from guard.token_penalty import TokenPenalties
+
+        key = id(tokenizer)
+        with self._penalties_lock:
+            if key not in self._penalties:
+                self._penalties[key] = TokenPenalties(self.policy, tokenizer, self.classifier.encoder)
+            return self._penalties[key]

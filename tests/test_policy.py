@@ -1,0 +1,177 @@
+"""Policy files: valid, invalid (file:line field: message, exit 2) and composed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from guard.policy import ActionType, PolicyError, load_policy, policy_json_schema
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ROOT / "policies" / "default.yaml"
+
+MINIMAL = """\
+version: 1
+name: minimal
+concepts:
+  - id: dragons
+    kind: knowledge
+    description: Dragons.
+    aliases: [dragon]
+"""
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_default_policy_is_valid_and_rich() -> None:
+    policy = load_policy(DEFAULT)
+    kinds = {c.kind.value for c in policy.concepts}
+    assert len(policy.concepts) >= 5
+    assert {"knowledge", "harmful", "style", "nsfw"} <= kinds
+    for concept in policy.concepts:
+        assert concept.exemplars and concept.negatives, concept.id
+    # defaults are merged into concepts, overrides win
+    assert policy.concept("harry-potter").action.type is ActionType.steer
+    assert policy.concept("weapons").action.type is ActionType.refuse
+    assert policy.concept("weapons").action.message.startswith("Sorry")
+    assert policy.concept("nudity").methods.semantic_surgery.threshold == 0.06
+    assert policy.concept("nudity").methods.semantic_surgery.gamma == 0.02
+
+
+def test_schema_file_matches_the_model() -> None:
+    on_disk = json.loads((ROOT / "policies" / "schema.json").read_text())
+    assert on_disk == policy_json_schema(), "run `guard policy schema` to refresh policies/schema.json"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field", "message"),
+    [
+        ("    semantic_threshold: 0.55\n", "    semantic_threshold: 1.5\n", "defaults.detection.semantic_threshold",
+         "must be between 0 and 1"),
+        ("    kind: harmful\n", "    knd: harmful\n", "concepts[1].knd", "unknown field 'knd' (did you mean 'kind'?)"),
+        ("  - id: weapons\n", "  - id: Weapons!\n", "concepts[1].id", "string should match pattern"),
+        ("      soft_penalty: 4.0\n", "      soft_penalty: -1\n", "defaults.methods.token_penalty.soft_penalty",
+         "must be 0 or greater"),
+        ("      type: steer\n", "      type: obliterate\n", "concepts[0].action.type", "input should be"),
+    ],
+)
+def test_invalid_field_names_file_line_and_field(tmp_path: Path, old: str, new: str, field: str, message: str) -> None:
+    text = DEFAULT.read_text()
+    assert old in text
+    line = text[: text.index(old)].count("\n") + 1  # the line of the first occurrence, the one we break
+    bad = write(tmp_path, "bad.yaml", text.replace(old, new, 1))
+    with pytest.raises(PolicyError) as err:
+        load_policy(bad)
+    assert (err.value.line, err.value.field) == (line, field)
+    assert err.value.message.startswith(message)
+    assert str(err.value).startswith(f"{bad}:{line} {field}: ")
+
+
+def test_yaml_syntax_error_and_missing_file(tmp_path: Path) -> None:
+    broken = write(tmp_path, "broken.yaml", "concepts:\n  - id: x\n    kind: [unclosed\n")
+    with pytest.raises(PolicyError, match=r"broken.yaml:\d+: invalid YAML"):
+        load_policy(broken)
+    with pytest.raises(PolicyError, match="file not found"):
+        load_policy(tmp_path / "absent.yaml")
+    empty = write(tmp_path, "empty.yaml", "")
+    with pytest.raises(PolicyError, match="the file is empty"):
+        load_policy(empty)
+
+
+def test_undetectable_concept_and_duplicate_ids_are_rejected(tmp_path: Path) -> None:
+    undetectable = write(tmp_path, "u.yaml", """\
+        concepts:
+          - id: ghost
+            kind: other
+            description: Nothing can detect this.
+        """)
+    with pytest.raises(PolicyError, match=r"u.yaml:2 concepts\[0\]: needs at least one exemplar or alias"):
+        load_policy(undetectable)
+    duplicate = write(tmp_path, "d.yaml", MINIMAL + "  - id: dragons\n    kind: knowledge\n    description: Again.\n"
+                      "    aliases: [wyrm]\n")
+    with pytest.raises(PolicyError, match=r"d.yaml:8 concepts\[1\].id: concept id 'dragons' is defined twice"):
+        load_policy(duplicate)
+
+
+def test_composed_policies_merge_defaults_and_override_concepts(tmp_path: Path) -> None:
+    write(tmp_path, "base.yaml", """\
+        name: base
+        defaults:
+          detection: {semantic_threshold: 0.7}
+          action: {type: log}
+        concepts:
+          - id: dragons
+            kind: knowledge
+            description: Dragons.
+            aliases: [dragon]
+          - id: unicorns
+            kind: knowledge
+            description: Unicorns.
+            aliases: [unicorn]
+        """)
+    top = write(tmp_path, "top.yaml", """\
+        name: top
+        extends: [base.yaml]
+        defaults:
+          action: {type: refuse}
+        concepts:
+          - id: unicorns
+            kind: object
+            description: Unicorns, redefined.
+            aliases: [unicorn, narwhal horse]
+            detection: {semantic_threshold: 0.9}
+          - id: griffins
+            kind: object
+            description: Griffins.
+            exemplars: [A lion with the head of an eagle.]
+        """)
+    policy = load_policy(top)
+    assert [c.id for c in policy.concepts] == ["dragons", "unicorns", "griffins"]
+    dragons, unicorns, griffins = policy.concepts
+    assert dragons.detection.semantic_threshold == 0.7  # inherited from the base defaults
+    assert dragons.action.type is ActionType.refuse  # the including file's defaults win
+    assert unicorns.kind.value == "object" and unicorns.detection.semantic_threshold == 0.9
+    assert griffins.detection.semantic_threshold == 0.7
+    assert policy.name == "top"
+    assert load_policy(top).fingerprint == policy.fingerprint
+
+
+def test_composition_errors_point_at_the_right_file(tmp_path: Path) -> None:
+    write(tmp_path, "child.yaml", "extends: [parent.yaml]\nconcepts: []\n")
+    write(tmp_path, "parent.yaml", "extends: [child.yaml]\nconcepts: []\n")
+    with pytest.raises(PolicyError, match="'extends' forms a cycle"):
+        load_policy(tmp_path / "child.yaml")
+    missing = write(tmp_path, "m.yaml", "extends: [nowhere.yaml]\n" + MINIMAL)
+    with pytest.raises(PolicyError, match=r"m.yaml:1 extends\[0\]: included file 'nowhere.yaml' not found"):
+        load_policy(missing)
+    write(tmp_path, "badbase.yaml", MINIMAL.replace("kind: knowledge", "kind: wizardry"))
+    includer = write(tmp_path, "inc.yaml", "extends: [badbase.yaml]\nconcepts: []\n")
+    with pytest.raises(PolicyError, match=r"badbase.yaml:5 concepts\[0\].kind"):
+        load_policy(includer)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "guard.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+
+
+def test_cli_policy_check_exit_codes(tmp_path: Path) -> None:
+    ok = run_cli("policy", "check", str(DEFAULT))
+    assert ok.returncode == 0, ok.stderr
+    assert "is valid" in ok.stdout and "harry-potter" in ok.stdout
+    text = DEFAULT.read_text()
+    line = text[: text.index("semantic_threshold: 0.55")].count("\n") + 1
+    bad = write(tmp_path, "bad.yaml", text.replace("semantic_threshold: 0.55", "semantic_threshold: 2", 1))
+    result = run_cli("policy", "check", str(bad))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"{bad}:{line} defaults.detection.semantic_threshold: must be between 0 and 1" in " ".join(result.stderr.split())
