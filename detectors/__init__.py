@@ -8,7 +8,9 @@ detector surfaces as :class:`DetectorError` so callers can refuse the request (f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
+
+import numpy as np
 
 from detectors.alias import AliasDetector, canonical_forms
 from detectors.semantic import SemanticDetector
@@ -48,7 +50,10 @@ class Classification:
 class PolicyClassifier:
     """Index the policy once; classify any number of texts (e.g. all chat messages of a request) together."""
 
-    def __init__(self, policy: Policy, show_progress: bool = False):
+    def __init__(self, policy: Policy, show_progress: bool = False,
+                 exemplar_vectors: Mapping[str, np.ndarray] | None = None):
+        """``exemplar_vectors``: precomputed unit embeddings of exemplar texts (e.g. a large concept library
+        embedded offline), so start-up does not re-encode them; anything missing is encoded."""
         self.policy = policy
         self._concepts = {c.id: c for c in policy.concepts}
         try:
@@ -62,6 +67,7 @@ class PolicyClassifier:
             {c.id: [*c.exemplars, c.description] for c in policy.concepts},
             {c.id: c.negatives for c in policy.concepts},
             show_progress=show_progress,
+            vectors=exemplar_vectors,
         )
 
     def classify(self, texts: Sequence[str]) -> Classification:

@@ -39,19 +39,28 @@ def _fold(text: str) -> str:
     return text.casefold().translate(_HOMOGLYPHS)
 
 
+_WORDLIKE = re.compile(r"[a-z0-9@$€£+!|]+")
+_TRAILING_SYMBOLS = re.compile(r"[@$€£+!|]+$")
+
+
+def _unleet(word: str, ambiguous_as: str) -> str:
+    """Read a word's digits and symbols as letters. A run with no letter ("101", "$5") is a number and stays
+    one; symbols that only end a word ("Hagrid!") are punctuation, not letters."""
+    if not re.search("[a-z]", word):
+        return word
+    tail = _TRAILING_SYMBOLS.search(word)
+    core = word[: tail.start()] if tail else word
+    for ambiguous in _AMBIGUOUS:
+        core = core.replace(ambiguous, ambiguous_as)
+    return core.translate(_LEET)
+
+
 def canonical_forms(text: str) -> set[str]:
     """Spaced canonical forms of ``text`` ("harry potter"), one per reading of ambiguous characters."""
     folded = _fold(text)
-    readings = {folded.replace("1", "i").replace("|", "i"), folded.replace("1", "l").replace("|", "l")}
-    if not any(ch in folded for ch in _AMBIGUOUS):
-        readings = {folded}
-    forms = set()
-    for reading in readings:
-        # A digit inside a word is a letter in disguise; a stand-alone number stays a number.
-        spaced = re.sub(r"[a-z0-9@$€£+!]+", lambda m: m.group(0).translate(_LEET) if re.search("[a-z]", m.group(0))
-                        else m.group(0), reading)
-        forms.add(_NON_ALNUM.sub(" ", spaced).strip())
-    return forms
+    readings = ("i", "l") if any(ch in folded for ch in _AMBIGUOUS) else ("i",)
+    return {_NON_ALNUM.sub(" ", _WORDLIKE.sub(lambda m: _unleet(m.group(0), reading), folded)).strip()
+            for reading in readings}
 
 
 @dataclass(frozen=True)
@@ -62,42 +71,51 @@ class AliasHit:
 
 
 class AliasDetector:
-    """Matches every alias of every concept in one regular-expression pass per text form."""
+    """Finds every alias of every concept with hash lookups, so cost grows with the text, not the alias count.
+
+    Spaced matching looks up each run of 1..n consecutive words (n = the longest alias in words), with an
+    optional plural/possessive "s"; squashed matching looks up each substring whose length is one of the
+    long aliases' lengths.
+    """
 
     def __init__(self, aliases: dict[str, list[str]]):
-        self._owner: dict[str, list[tuple[str, str]]] = {}
-        squashed_owner: dict[str, list[tuple[str, str]]] = {}
+        self._spaced: dict[str, list[tuple[str, str]]] = {}
+        self._squashed: dict[str, list[tuple[str, str]]] = {}
         for concept_id, names in aliases.items():
             for name in names:
                 for form in canonical_forms(name):
                     if not form:
                         continue
-                    self._owner.setdefault(form, []).append((concept_id, name))
+                    self._spaced.setdefault(form, []).append((concept_id, name))
                     squashed = form.replace(" ", "")
                     if len(squashed) >= MIN_SQUASHED_LENGTH:
-                        squashed_owner.setdefault(squashed, []).append((concept_id, name))
-        self._squashed_owner = squashed_owner
-        self._spaced = self._compile(self._owner, bounded=True)
-        self._squashed = self._compile(squashed_owner, bounded=False)
+                        self._squashed.setdefault(squashed, []).append((concept_id, name))
+        self._max_words = max((form.count(" ") + 1 for form in self._spaced), default=0)
+        self._squashed_lengths = sorted({len(form) for form in self._squashed})
 
-    @staticmethod
-    def _compile(owner: dict[str, list[tuple[str, str]]], bounded: bool) -> re.Pattern[str] | None:
-        if not owner:
-            return None
-        alternatives = "|".join(re.escape(form) for form in sorted(owner, key=len, reverse=True))
-        # Plural/possessive endings ("dumbledores", "potter s") still name the concept.
-        return re.compile(rf"(?<![a-z0-9])(?:{alternatives})(?:s)?(?![a-z0-9])" if bounded else f"(?:{alternatives})")
+    def _spaced_matches(self, form: str) -> list[str]:
+        words = form.split()
+        found = []
+        for start in range(len(words)):
+            for count in range(1, min(self._max_words, len(words) - start) + 1):
+                phrase = " ".join(words[start:start + count])
+                if phrase in self._spaced:
+                    found.append(phrase)
+                elif phrase.endswith("s") and phrase[:-1] in self._spaced:  # "dumbledores", "potters"
+                    found.append(phrase[:-1])
+        return found
+
+    def _squashed_matches(self, form: str) -> list[str]:
+        text = form.replace(" ", "")
+        return [text[i:i + n] for n in self._squashed_lengths for i in range(len(text) - n + 1)
+                if text[i:i + n] in self._squashed]
 
     def find(self, text: str) -> list[AliasHit]:
         hits: dict[tuple[str, str], AliasHit] = {}
         for form in canonical_forms(text):
-            for pattern, owner, haystack in ((self._spaced, self._owner, form),
-                                             (self._squashed, self._squashed_owner, form.replace(" ", ""))):
-                if pattern is None:
-                    continue
-                for match in pattern.finditer(haystack):
-                    key = match.group(0)
-                    key = key if key in owner else key[:-1]
-                    for concept_id, alias in owner[key]:
-                        hits.setdefault((concept_id, alias), AliasHit(concept_id, alias, match.group(0)))
+            for owner, matches in ((self._spaced, self._spaced_matches(form)),
+                                   (self._squashed, self._squashed_matches(form))):
+                for matched in matches:
+                    for concept_id, alias in owner[matched]:
+                        hits.setdefault((concept_id, alias), AliasHit(concept_id, alias, matched))
         return list(hits.values())

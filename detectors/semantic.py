@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import faiss
 import numpy as np
@@ -69,8 +69,11 @@ def split_pieces(texts: Sequence[str], max_pieces: int = 64) -> list[str]:
 
 class SemanticDetector:
     def __init__(self, encoder: "SentenceTransformer", positives: dict[str, list[str]], negatives: dict[str, list[str]],
-                 top_k: int = 256, show_progress: bool = False):
+                 top_k: int = 256, show_progress: bool = False, vectors: Mapping[str, np.ndarray] | None = None):
+        """``vectors`` holds precomputed unit embeddings for some exemplar texts (a concept library embedded
+        offline); every other exemplar is encoded here. Queries are always encoded with ``encoder``."""
         self.encoder = encoder
+        self._precomputed = vectors or {}
         self.concept_ids = list(positives)
         self.top_k = top_k
         position = {cid: i for i, cid in enumerate(self.concept_ids)}
@@ -84,7 +87,15 @@ class SemanticDetector:
             for item in items:
                 texts.append(item)
                 labels.append(position[concept_id])
-        vectors = self.embed(texts, show_progress=show_progress)
+        missing = list(dict.fromkeys(t for t in texts if t not in self._precomputed))
+        encoded = dict(zip(missing, self.embed(missing, show_progress=show_progress)))
+        dim = self.encoder.get_embedding_dimension()
+        vectors = np.zeros((len(texts), dim), np.float32)
+        for row, text in enumerate(texts):
+            vector = encoded[text] if text in encoded else self._precomputed[text]
+            if vector.shape != (dim,):
+                raise ValueError(f"precomputed embedding of {text!r} has shape {vector.shape}, expected ({dim},)")
+            vectors[row] = vector
         return _LabelledIndex(vectors, labels, texts)
 
     def embed(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:

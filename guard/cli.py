@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from guard.models import ModelError
@@ -29,7 +30,8 @@ PolicyFile = Annotated[Path, typer.Argument(help="Policy YAML file.", show_defau
 
 
 def fail(message: str) -> "typer.Exit":
-    errors.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    # Escaped: policy paths such as concepts[0].id must not be read as rich markup.
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
     return typer.Exit(code=2)
 
 
@@ -90,6 +92,9 @@ def policy_schema(out: Annotated[Path, typer.Option(help="Where to write the JSO
 
 
 # Commands from other modules register here (one line each).
+import guard.serve_cli  # noqa: E402,F401  - registers `guard serve`
+import guard.edit_cli  # noqa: E402,F401  - registers `guard edit`
+import guard.certify_cli  # noqa: E402,F401  - registers `guard certify`
 
 
 def main() -> None:
@@ -100,4 +105,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Under `python -m guard.cli` this file runs as __main__; the commands registered themselves on guard.cli.app.
+    from guard.cli import main as registered_main
+
+    registered_main()

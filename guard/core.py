@@ -124,7 +124,8 @@ class Guard:
             return OutputDecision(OutputAction.send, verdict)
         retries = min(self.policy.concept(cid).methods.token_penalty.max_regenerations for cid in leaked)
         if not verdict.refused and attempt < retries:
-            penalized = list(dict.fromkeys(decision.penalized + leaked))
+            enabled = [cid for cid in leaked if self.policy.concept(cid).methods.token_penalty.enabled]
+            penalized = list(dict.fromkeys(decision.penalized + enabled))
             return OutputDecision(OutputAction.regenerate, verdict, penalized, strength=2.0 ** (attempt + 1))
         return OutputDecision(OutputAction.block, verdict, message=self.refusal_message(leaked))
 

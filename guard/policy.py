@@ -92,6 +92,9 @@ class TokenPenaltySettings(_Strict):
     semantic_threshold: Fraction = Field(
         0.6, description="Vocabulary tokens at least this similar to a concept word get the soft penalty.")
     hard_block: bool = Field(True, description="Forbid completing any alias token sequence.")
+    block_ratio: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.75, description="Block a token once the text would hold this fraction of an alias (GUARD's beta; never "
+                          "fewer than 6 characters); 1 blocks only the token that completes it.")
     max_regenerations: int = Field(1, ge=0, le=5, description="Regenerations with stronger penalties after an output leak.")
 
 

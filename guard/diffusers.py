@@ -1,0 +1,388 @@
+"""Guarded text-to-image pipelines: the policy applied to every Stable Diffusion (1.x/2.x/XL) call.
+
+Per request, the guard reads which policy concepts a prompt carries off the pipeline's own text embedding
+(Semantic Surgery's presence score) and then acts as the policy says:
+
+* ``refuse`` — raise :class:`ImageRefused` before anything is generated;
+* ``steer``  — Semantic Surgery subtracts the concepts from the conditional prompt embedding, and AdaVD projects
+  their value directions out of every cross-attention layer, for this call only;
+* ``log``    — report the detection and generate unchanged.
+
+A prompt that carries no concept runs exactly the unguarded computation (bit-identical images). An optional image
+check (Open-NSFW) scores the outputs; flagged images are regenerated with the same seed and the policy's ``nsfw``
+concepts erased (Semantic Surgery's visual feedback), or refused, and anything still flagged is refused.
+
+The guard never changes weights: saving a guarded pipeline saves the original model, and the guard is applied
+again from the policy after loading.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import secrets
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from detectors.image_nsfw import ImageNsfwDetector
+from guard.adavd import AdaVD, ValueErasure, last_subject_embedding
+from guard.core import ConceptRefused, GuardUnavailable
+from guard.models import ModelError, resolve
+from guard.policy import ActionType, Concept, ConceptKind, Policy
+from guard.semantic_surgery import (ConceptPresence, ErasureTarget, SemanticSurgery, SurgeryEdit, TextEmbeddings,
+                                    probe_texts)
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+GuardablePipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
+
+# Arguments the guard computes itself; accepting them from callers would let a call bypass or undo the erasure.
+_RESERVED = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
+             "prompt_2", "negative_prompt_2", "clip_skip", "generator", "latents", "num_images_per_prompt",
+             "callback_on_step_end", "callback_on_step_end_tensor_inputs")
+
+
+@dataclass(frozen=True)
+class ConceptDetection:
+    concept_id: str
+    action: str  # refuse | steer | log
+    presence: float  # Semantic Surgery's ρ̂ for the prompt, or the NSFW score for an image
+    alpha: float | None  # mean token cosine of the best probe (prompt detections only)
+    matched: tuple[str, ...]  # probe texts found present in the prompt
+    source: str  # "prompt" or "image"
+
+
+@dataclass
+class GenerationReport:
+    """What the guard saw and did for one call."""
+
+    prompt: str
+    seed: int
+    detections: list[ConceptDetection] = field(default_factory=list)
+    surgery_strength: float = 0.0  # ρ̂_joint subtracted from the prompt embedding (0 = untouched)
+    erased_text: str = ""  # the co-occurrence prompt Semantic Surgery erased
+    anchor_text: str = ""  # what it was replaced by ("" = the empty prompt)
+    value_erasure: list[str] = field(default_factory=list)  # texts whose value directions AdaVD projected out
+    nsfw_scores: list[float] | None = None  # final score per image, when the image check is on
+    regenerated: list[int] = field(default_factory=list)  # images regenerated after the image check flagged them
+    regeneration_strengths: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ImageRefused(ConceptRefused):
+    """The policy refuses this image request (at the prompt, or because an output stayed flagged)."""
+
+    def __init__(self, concept_ids: Sequence[str], message: str, report: GenerationReport):
+        super().__init__(concept_ids, message)
+        self.report = report
+
+
+@dataclass
+class GuardedOutput:
+    images: Any  # whatever the pipeline returns for ``output_type``: PIL images, an array or a tensor
+    report: GenerationReport
+
+
+@dataclass(frozen=True)
+class _Plan:
+    conditioning: TextEmbeddings
+    surgery: SurgeryEdit
+    value_erasure: ValueErasure | None
+
+
+class GuardedPipeline:
+    """A Stable Diffusion pipeline with the policy installed; call it instead of the pipeline.
+
+    Installing wraps every cross-attention processor (see :mod:`guard.adavd`); :meth:`remove` restores the
+    original processor objects. While installed, calling the pipeline directly raises, so it cannot run unguarded
+    by accident. Calls are not reentrant: use one guarded pipeline per worker, or a lock (see :class:`ImageGuard`).
+    """
+
+    def __init__(self, pipe: GuardablePipeline, policy: Policy, nsfw: ImageNsfwDetector | None = None):
+        if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+            raise TypeError(f"the guard supports StableDiffusionPipeline and StableDiffusionXLPipeline, "
+                            f"not {type(pipe).__name__}")
+        self.pipe = pipe
+        self.policy = policy
+        self.nsfw = nsfw
+        self._xl = isinstance(pipe, StableDiffusionXLPipeline)
+        self._concepts = {concept.id: concept for concept in policy.concepts}
+        self.surgery = SemanticSurgery(policy.concepts, self.encode)
+        tokenizer = pipe.tokenizer
+        self._subject_embeddings = [
+            last_subject_embedding(self.surgery.probe_embeddings.sequence[i], self._token_ids(probe.text),
+                                   tokenizer.eos_token_id)
+            for i, probe in enumerate(self.surgery.probes)]
+        self.adavd = AdaVD(pipe.unet)
+        self._default_guidance = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
+
+    def __enter__(self) -> "GuardedPipeline":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Uninstall: the pipeline's original attention processors come back, untouched."""
+        self.adavd.remove()
+
+    # -- text side ------------------------------------------------------------------------------------------------
+
+    def _token_ids(self, text: str) -> list[int]:
+        tokenizer = self.pipe.tokenizer
+        return tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+
+    def encode(self, texts: Sequence[str]) -> TextEmbeddings:
+        """φ(texts) exactly as the pipeline conditions its UNet on them."""
+        device = self.pipe._execution_device
+        with torch.no_grad():
+            if self._xl:
+                sequence, _, pooled, _ = self.pipe.encode_prompt(list(texts), device=device, num_images_per_prompt=1,
+                                                                 do_classifier_free_guidance=False)
+                return TextEmbeddings(sequence, pooled)
+            sequence, _ = self.pipe.encode_prompt(list(texts), device, 1, False)
+            return TextEmbeddings(sequence)
+
+    def _encode_request(self, prompt: str, negative_prompt: str | None,
+                        guidance: bool) -> tuple[TextEmbeddings, TextEmbeddings | None]:
+        """The conditional and (with guidance) unconditional embeddings the pipeline would compute itself."""
+        device = self.pipe._execution_device
+        with torch.no_grad():
+            if self._xl:
+                sequence, negative, pooled, negative_pooled = self.pipe.encode_prompt(
+                    prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guidance,
+                    negative_prompt=negative_prompt)
+                unconditional = TextEmbeddings(negative, negative_pooled) if guidance else None
+                return TextEmbeddings(sequence, pooled), unconditional
+            sequence, negative = self.pipe.encode_prompt(prompt, device, 1, guidance, negative_prompt)
+            return TextEmbeddings(sequence), (TextEmbeddings(negative) if guidance else None)
+
+    def detect(self, prompt: str) -> list[ConceptPresence]:
+        """Presence of every policy concept in ``prompt`` (nothing is generated)."""
+        return self.surgery.presence(self.encode([prompt]))
+
+    # -- planning -------------------------------------------------------------------------------------------------
+
+    def _plan(self, conditioning: TextEmbeddings, found: Sequence[ConceptPresence], seen: dict[str, float],
+              guidance: bool) -> _Plan:
+        """What to erase: concepts found in the prompt (their matched probes) and concepts seen in an image."""
+        targets: list[ErasureTarget] = []
+        value_concepts: list[Concept] = []
+        for presence in found:
+            concept = self._concepts[presence.concept_id]
+            if concept.methods.semantic_surgery.enabled:
+                targets += [ErasureTarget(s.probe.text, s.presence, concept.anchor) for s in presence.matched]
+            value_concepts.append(concept)
+        for concept_id, score in seen.items():
+            concept = self._concepts[concept_id]
+            if concept.methods.semantic_surgery.enabled:
+                targets += [ErasureTarget(text, score, concept.anchor) for text in probe_texts(concept)]
+            value_concepts.append(concept)
+        edit = self.surgery.erase(conditioning, targets)
+        erased = {c.id: c for c in value_concepts if c.methods.adavd.enabled}
+        rows = [i for i, probe in enumerate(self.surgery.probes) if probe.concept_id in erased]
+        erasure = ValueErasure.build(
+            [self._subject_embeddings[i] for i in rows],
+            [erased[self.surgery.probes[i].concept_id].methods.adavd for i in rows], guidance,
+            tuple(self.surgery.probes[i].text for i in rows)) if rows else None
+        return _Plan(edit.embeddings, edit, erasure)
+
+    def _refusal(self, concept_ids: Sequence[str], report: GenerationReport) -> ImageRefused:
+        template = self._concepts[concept_ids[0]].action.message
+        return ImageRefused(concept_ids, template.replace("{concepts}", ", ".join(concept_ids)), report)
+
+    # -- generation -----------------------------------------------------------------------------------------------
+
+    def _run(self, conditioning: TextEmbeddings, unconditional: TextEmbeddings | None, seeds: Sequence[int],
+             per_prompt: int, erasure: ValueErasure | None, guidance_scale: float, pipe_kwargs: dict[str, Any]) -> Any:
+        call: dict[str, Any] = dict(prompt_embeds=conditioning.sequence, num_images_per_prompt=per_prompt,
+                                    guidance_scale=guidance_scale,
+                                    generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds])
+        if unconditional is not None:
+            call["negative_prompt_embeds"] = unconditional.sequence
+        if self._xl:
+            call["pooled_prompt_embeds"] = conditioning.pooled
+            if unconditional is not None:
+                call["negative_pooled_prompt_embeds"] = unconditional.pooled
+        with self.adavd.erasing(erasure):
+            return self.pipe(**call, **pipe_kwargs).images
+
+    def _as_pil(self, images: Any) -> list["Image"]:
+        if isinstance(images, list):
+            return images
+        if isinstance(images, torch.Tensor):
+            images = images.permute(0, 2, 3, 1).float().cpu().numpy()
+        return self.pipe.numpy_to_pil(images)
+
+    def __call__(self, prompt: str, *, num_images: int = 1, seed: int | None = None,
+                 negative_prompt: str | None = None, guidance_scale: float | None = None,
+                 **pipe_kwargs: Any) -> GuardedOutput:
+        """Generate ``num_images`` images for one prompt; image i uses ``torch.Generator().manual_seed(seed + i)``.
+
+        Other keyword arguments (``num_inference_steps``, ``height``, ``width``, ``output_type`` ...) go to the
+        pipeline. Raises :class:`ImageRefused` when the policy refuses the prompt or an output.
+        """
+        reserved = sorted(set(pipe_kwargs) & set(_RESERVED))
+        if reserved:
+            raise TypeError(f"the guard computes {reserved} itself; pass prompt, negative_prompt, num_images and seed")
+        if not isinstance(prompt, str):
+            raise TypeError("the guard takes one prompt per call (use num_images for several images)")
+        if num_images < 1:
+            raise ValueError("num_images must be at least 1")
+        if self.nsfw is not None and pipe_kwargs.get("output_type") == "latent":
+            raise ValueError("the image check needs decoded images; output_type='latent' is not possible with it")
+        seed = secrets.randbelow(2**31 - num_images) if seed is None else seed
+        guidance_scale = self._default_guidance if guidance_scale is None else guidance_scale
+        guidance = guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+
+        conditioning, unconditional = self._encode_request(prompt, negative_prompt, guidance)
+        report = GenerationReport(prompt, seed)
+        found = [presence for presence in self.surgery.presence(conditioning) if presence.active]
+        for presence in found:
+            action = self._concepts[presence.concept_id].action.type.value
+            report.detections.append(ConceptDetection(presence.concept_id, action, presence.presence,
+                                                      presence.best.alpha,
+                                                      tuple(s.probe.text for s in presence.matched), "prompt"))
+        refused = [d.concept_id for d in report.detections if d.action == ActionType.refuse.value]
+        if refused:
+            raise self._refusal(refused, report)
+        steered = [p for p in found if self._concepts[p.concept_id].action.type == ActionType.steer]
+        plan = self._plan(conditioning, steered, {}, guidance)
+        report.surgery_strength = plan.surgery.strength
+        report.erased_text, report.anchor_text = plan.surgery.erased_text, plan.surgery.anchor_text
+        report.value_erasure = list(plan.value_erasure.labels) if plan.value_erasure else []
+        images = self._run(plan.conditioning, unconditional, [seed + i for i in range(num_images)], num_images,
+                           plan.value_erasure, guidance_scale, pipe_kwargs)
+        if self.nsfw is not None:
+            images = self._check_images(self.nsfw, images, report, conditioning, unconditional, steered, seed,
+                                        guidance, guidance_scale, pipe_kwargs)
+        return GuardedOutput(images, report)
+
+    def _check_images(self, nsfw: ImageNsfwDetector, images: Any, report: GenerationReport,
+                      conditioning: TextEmbeddings, unconditional: TextEmbeddings | None,
+                      steered: Sequence[ConceptPresence], seed: int, guidance: bool, guidance_scale: float,
+                      pipe_kwargs: dict[str, Any]) -> Any:
+        """Score the images; regenerate flagged ones with the ``nsfw`` concepts erased, or refuse."""
+        scores = nsfw.scores(self._as_pil(images))
+        report.nsfw_scores = scores
+        flagged = nsfw.flagged(scores)
+        nsfw_concepts = [c for c in self.policy.concepts if c.kind == ConceptKind.nsfw]
+        if not flagged or not nsfw_concepts:
+            return images
+        peak = max(scores[i] for i in flagged)
+        for concept in nsfw_concepts:
+            report.detections.append(ConceptDetection(concept.id, concept.action.type.value, peak, None, (), "image"))
+        refused = [c.id for c in nsfw_concepts if c.action.type == ActionType.refuse]
+        if refused:
+            raise self._refusal(refused, report)
+        erase = [c.id for c in nsfw_concepts if c.action.type == ActionType.steer]
+        if not erase:
+            return images
+        plans = [self._plan(conditioning, steered, {concept_id: scores[i] for concept_id in erase}, guidance)
+                 for i in flagged]
+        repeated = None if unconditional is None else TextEmbeddings.stack([unconditional] * len(flagged))
+        again = self._run(TextEmbeddings.stack([p.conditioning for p in plans]), repeated, [seed + i for i in flagged],
+                          1, plans[0].value_erasure, guidance_scale, pipe_kwargs)
+        rescored = nsfw.scores(self._as_pil(again))
+        for j, i in enumerate(flagged):
+            images[i] = again[j]
+            scores[i] = rescored[j]
+        report.regenerated = flagged
+        report.regeneration_strengths = [p.surgery.strength for p in plans]
+        if nsfw.flagged(rescored):
+            raise self._refusal(erase, report)
+        return images
+
+
+def guard_pipeline(pipe: GuardablePipeline, policy: Policy, nsfw: ImageNsfwDetector | None = None) -> GuardedPipeline:
+    """Install the policy on an existing pipeline; the returned handle generates, reports and can ``remove()``."""
+    return GuardedPipeline(pipe, policy, nsfw)
+
+
+# -- serving --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageResult:
+    images: list[bytes]  # PNG files
+    report: GenerationReport
+    width: int
+    height: int
+
+
+def parse_size(size: str | tuple[int, int] | None, multiple: int = 8) -> tuple[int, int] | None:
+    """'WIDTHxHEIGHT' (OpenAI style) or (width, height); both must be positive multiples of ``multiple``."""
+    if size is None:
+        return None
+    if isinstance(size, str):
+        parts = size.lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"size must look like '512x512', got '{size}'")
+        size = (int(parts[0]), int(parts[1]))
+    width, height = size
+    if width <= 0 or height <= 0 or width % multiple or height % multiple:
+        raise ValueError(f"width and height must be positive multiples of {multiple}, got {width}x{height}")
+    return width, height
+
+
+class ImageGuard:
+    """A local Stable Diffusion folder loaded and guarded by a policy, for ``POST /v1/images/generations``.
+
+    Thread-safe: calls are serialised (one pipeline, one GPU). Loading problems raise :class:`ModelError`.
+    """
+
+    def __init__(self, model: str | Path, policy: Policy, *, device: str | None = None,
+                 nsfw_threshold: float | None = None):
+        resolved = resolve(str(model))
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
+        try:
+            pipe = DiffusionPipeline.from_pretrained(resolved.path, dtype=dtype, local_files_only=True)
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise ModelError(f"cannot load image model '{model}': {err}") from err
+        if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+            raise ModelError(f"'{model}' is a {type(pipe).__name__}; the image guard supports Stable Diffusion "
+                             "1.x/2.x and XL pipelines")
+        pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        self.model = str(model)
+        self.nsfw = None if nsfw_threshold is None else ImageNsfwDetector(nsfw_threshold)
+        self.guarded = GuardedPipeline(pipe, policy, self.nsfw)
+        self._lock = threading.Lock()
+
+    def generate(self, prompt: str, n: int = 1, size: str | tuple[int, int] | None = None, seed: int | None = None,
+                 steps: int | None = None, guidance_scale: float | None = None,
+                 negative_prompt: str | None = None) -> ImageResult:
+        """Generate ``n`` PNG images; raises :class:`ImageRefused` (a :class:`ConceptRefused`) when refused."""
+        pipe = self.guarded.pipe
+        dimensions = parse_size(size, pipe.vae_scale_factor)
+        if dimensions is None:
+            side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+            dimensions = (side, side)
+        width, height = dimensions
+        kwargs: dict[str, Any] = dict(width=width, height=height, output_type="pil")
+        if steps is not None:
+            if steps < 1:
+                raise ValueError("steps must be at least 1")
+            kwargs["num_inference_steps"] = steps
+        with self._lock:
+            try:
+                output = self.guarded(prompt, num_images=n, seed=seed, negative_prompt=negative_prompt,
+                                      guidance_scale=guidance_scale, **kwargs)
+            except torch.OutOfMemoryError as err:
+                raise GuardUnavailable(f"the image model ran out of memory: {err}") from err
+        return ImageResult([_png(image) for image in output.images], output.report, width, height)
+
+
+def _png(image: "Image") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,90 @@
+"""``guard serve``: an OpenAI-compatible endpoint that guards every request with a policy.
+
+Start-up problems (bad policy, missing model, impossible settings, vLLM not installed) are one line on stderr
+and exit code 2; the policy file is then watched and reloaded on change (a bad edit keeps the old policy).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+import yaml
+
+from guard.cli import app, console, fail
+from guard.core import GuardUnavailable
+from guard.models import ModelError
+from guard.policy import PolicyError, load_policy
+
+
+@app.command("serve")
+def serve(
+    policy_file: Annotated[Path, typer.Option("--policy", "-p", help="Policy YAML file (reloaded on change).",
+                                              show_default=False)] = ...,
+    model: Annotated[str, typer.Option(help="Model reference (embedded:smollm2 or a folder); with --upstream, "
+                                            "the upstream's model name.")] = "embedded:smollm2",
+    upstream: Annotated[str | None, typer.Option(help="Guard an OpenAI-compatible server at this base URL "
+                                                      "(e.g. http://localhost:8001/v1).")] = None,
+    upstream_tokenizer: Annotated[str | None, typer.Option(
+        help="Model reference with the upstream model's tokenizer, so penalties go out as logit_bias.")] = None,
+    upstream_api_key: Annotated[str | None, typer.Option(envvar="GUARD_UPSTREAM_API_KEY",
+                                                         help="Bearer key for the upstream.")] = None,
+    engine: Annotated[Literal["auto", "transformers", "upstream", "vllm"],
+                      typer.Option(help="auto: upstream with --upstream, else transformers. vllm needs "
+                                        "pip install .[vllm].")] = "auto",
+    served_model_name: Annotated[str | None, typer.Option(help="Model name clients use (default: --model).")] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[list[str] | None, typer.Option("--api-key", envvar="GUARD_API_KEY",
+                                                      help="Accepted Bearer key (repeat for several); "
+                                                           "none: no authentication.")] = None,
+    max_request_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 1_000_000,
+    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 4096,
+    default_max_tokens: Annotated[int, typer.Option(help="max_tokens of chat requests that set none.")] = 256,
+    batch_wait_ms: Annotated[float, typer.Option(help="How long to gather concurrent requests into one batch.")] = 5.0,
+    max_batch_size: Annotated[int, typer.Option(help="Most requests decoded together.")] = 8,
+    vllm_option: Annotated[list[str] | None, typer.Option(
+        "--vllm-option", help="KEY=VALUE for vLLM's AsyncEngineArgs (repeatable), e.g. max_model_len=4096.")] = None,
+    reload: Annotated[bool, typer.Option(help="Reload the policy when its file changes.")] = True,
+    log_level: Annotated[Literal["debug", "info", "warning", "error"], typer.Option()] = "info",
+) -> None:
+    """Serve /v1/chat/completions, /v1/completions and /v1/models with the policy guarding every request."""
+    import uvicorn
+
+    from serving.app import build_app
+    from serving.config import ServerSettings, SettingsError
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    chosen = ("upstream" if upstream else "transformers") if engine == "auto" else engine
+    vllm_options = {}
+    for option in vllm_option or []:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise fail(f"--vllm-option expects KEY=VALUE, got '{option}'")
+        vllm_options[key.strip()] = yaml.safe_load(value)  # numbers and booleans keep their type
+    try:
+        settings = ServerSettings(
+            policy_path=policy_file, model=model, engine=chosen, served_model_name=served_model_name,
+            upstream_url=upstream, upstream_api_key=upstream_api_key, upstream_tokenizer=upstream_tokenizer,
+            api_keys=tuple(api_key or ()), max_request_bytes=max_request_bytes, max_tokens_limit=max_tokens_limit,
+            default_max_tokens=default_max_tokens, batch_wait_ms=batch_wait_ms, max_batch_size=max_batch_size,
+            reload_policy=reload, vllm_options=vllm_options)
+        load_policy(policy_file)  # a bad policy fails before any model is loaded
+        with console.status(f"loading the {chosen} engine ({model}) and the guard"):
+            server_app = build_app(settings)
+    except (SettingsError, PolicyError, ModelError, GuardUnavailable) as err:
+        raise fail(str(err)) from None
+    except ImportError as err:
+        raise fail(f"the {chosen} engine is not installed ({err}); for vLLM: pip install '.[vllm]'") from None
+
+    server = uvicorn.Server(uvicorn.Config(server_app, host=host, port=port, log_level=log_level))
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits on a failed start-up; say why in one line instead
+        pass
+    if server_app.state.startup_error is not None:
+        raise fail(f"the server did not start: {server_app.state.startup_error}")
+    if not server.started:
+        raise fail(f"the server did not start (is {host}:{port} free?)")

@@ -1,0 +1,102 @@
+"""The FastAPI app factory: an OpenAI-compatible endpoint with the policy guarding every request.
+
+Routes live in per-endpoint packages (``<endpoint>/api_router.py`` wiring, ``protocol.py`` wire models,
+``serving.py`` logic — the layout of vLLM's OpenAI server); this module assembles them with the shared pieces:
+engine, hot-reloaded guard, metrics, API keys, body-size limit and OpenAI-shaped errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+
+from serving.auth import ApiKeyMiddleware, BodySizeLimitMiddleware
+from serving.chat_completion.api_router import router as chat_router
+from serving.completion.api_router import router as completion_router
+from serving.config import ServerSettings
+from serving.engines.base import Engine
+from serving.errors import OpenAIError, install_handlers
+from serving.guard_state import GuardState, cancel
+from serving.metrics import ServerMetrics
+from serving.protocol import ModelCard, ModelList
+from serving.serving_base import ServerContext
+
+logger = logging.getLogger("serving")
+
+
+def create_engine(settings: ServerSettings, metrics: ServerMetrics) -> Engine:
+    """Build the configured engine (loads model weights: once, before serving)."""
+    if settings.engine == "upstream":
+        from serving.engines.upstream import UpstreamEngine
+
+        return UpstreamEngine(settings)
+    if settings.engine == "vllm":
+        from serving.engines.vllm import VLLMEngine
+
+        return VLLMEngine(settings)
+    from serving.engines.transformers import TransformersEngine
+
+    return TransformersEngine(settings, metrics)
+
+
+def build_app(settings: ServerSettings) -> FastAPI:
+    """The app for ``settings``; loads engine and guard now (errors raise here), prepares the engine at start-up."""
+    metrics = ServerMetrics()
+    engine = create_engine(settings, metrics)
+    context = ServerContext(settings, engine, GuardState(settings.policy_path, engine, metrics), metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        context.loop = asyncio.get_running_loop()
+        try:
+            await context.guard_state.start()
+        except Exception as err:
+            app.state.startup_error = err  # read by `guard serve` to print one clear line
+            await engine.close()
+            raise
+        watcher = asyncio.create_task(context.guard_state.watch()) if settings.reload_policy else None
+        try:
+            yield
+        finally:
+            await cancel(watcher)
+            await engine.close()
+
+    app = FastAPI(title="erasure-guard", summary="OpenAI-compatible endpoint guarded by an erasure policy.",
+                  lifespan=lifespan)
+    app.state.context = context
+    app.state.startup_error = None
+    install_handlers(app)
+    # Starlette runs the last-added middleware first: keys are checked before the body size is.
+    app.add_middleware(BodySizeLimitMiddleware, limit=settings.max_request_bytes)
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
+
+    # OpenAI endpoints. /v1/images/generations (guard serve --image-model) is added to this list.
+    for router in (chat_router, completion_router):
+        app.include_router(router)
+
+    @app.get("/v1/models")
+    async def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=engine.model_id)])
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> ModelCard:
+        if model != engine.model_id:
+            raise OpenAIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
+        return ModelCard(id=engine.model_id)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        guard = context.guard_state.guard
+        return JSONResponse({"status": "ok", "model": engine.model_id, "engine": engine.description,
+                             "policy": guard.policy.version_tag, "concepts": len(guard.policy.concepts)})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

@@ -1,0 +1,133 @@
+"""Wire models of ``/v1/chat/completions`` (the subset of the OpenAI schema this server honours)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from serving.protocol import OpenAIBaseModel, ResponseModel, SamplingRequest, Usage
+
+
+class TextPart(OpenAIBaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class OtherPart(OpenAIBaseModel):
+    """Image, audio or file parts: parsed so the error can name them, then refused (text-only models)."""
+
+    model_config = {"extra": "allow"}
+    type: Literal["image_url", "input_audio", "file", "refusal"]
+
+
+class ChatMessage(OpenAIBaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart | OtherPart] | None = None
+    name: str | None = None
+    refusal: str | None = None
+    tool_calls: Any = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    top_logprobs: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    store: Any = None
+    metadata: Any = None
+    reasoning_effort: Any = None
+    service_tier: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+
+    @model_validator(mode="after")
+    def _one_length_limit(self) -> "ChatCompletionRequest":
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("set only one of 'max_tokens' and 'max_completion_tokens'")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def unsupported(self) -> tuple[str, str] | None:
+        for i, message in enumerate(self.messages):
+            if message.role == "tool" or message.tool_calls is not None or message.tool_call_id is not None:
+                where = f"messages[{i}].tool_calls" if message.tool_calls is not None else f"messages[{i}].role"
+                return where, "tool calls are not supported"
+            if isinstance(message.content, list):
+                for j, part in enumerate(message.content):
+                    if isinstance(part, OtherPart):
+                        return f"messages[{i}].content[{j}]", f"only text parts are supported, not '{part.type}'"
+        return super().unsupported()
+
+    def plain_messages(self) -> list[dict[str, str]]:
+        """Messages as ``{"role", "content"}`` text; 'developer' is the newer name of 'system'."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+class AssistantMessage(ResponseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+
+
+class ChatChoice(ResponseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length", "content_filter"]
+    logprobs: None = None
+
+
+class ChatCompletionResponse(ResponseModel):
+    id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(ResponseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    refusal: str | None = None
+
+
+class ChatChunkChoice(ResponseModel):
+    index: int
+    delta: DeltaMessage
+    finish_reason: Literal["stop", "length", "content_filter"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(ResponseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None

@@ -1,0 +1,74 @@
+"""Guarded chat completions: validate, check the prompt, generate under penalties, check the output."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from guard.generation import FinishReason
+from serving.chat_completion.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
+                                              ChatCompletionRequest, ChatCompletionResponse, DeltaMessage)
+from serving.engines.base import EngineRequest
+from serving.protocol import Usage
+from serving.serving_base import GuardedServing, guard_headers
+from serving.streaming import guarded_events
+
+
+class ChatChunkWriter:
+    def __init__(self, model: str, fingerprint: str):
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+        self.fingerprint = fingerprint
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> dict:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage,
+                                   system_fingerprint=self.fingerprint).model_dump()
+
+    def start(self, index: int) -> dict:
+        return self._chunk([ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+
+    def text(self, index: int, text: str) -> dict:
+        return self._chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=text))])
+
+    def finish(self, index: int, reason: FinishReason, refusal: str | None) -> dict:
+        return self._chunk([ChatChunkChoice(index=index, delta=DeltaMessage(refusal=refusal), finish_reason=reason)])
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
+        return self._chunk([], Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                     total_tokens=prompt_tokens + completion_tokens))
+
+
+class ChatServing(GuardedServing):
+    endpoint = "chat"
+
+    async def create(self, request: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+        guard = self.context.guard_state.guard
+        self.validate(request)
+        param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+        settings = self.sampling(request, request.requested_max_tokens, param)
+        engine_request = EngineRequest(settings, messages=request.plain_messages(), user=request.end_user)
+
+        if request.stream:
+            stream = await self.open_stream(guard, engine_request)
+            headers = guard_headers(guard, stream.decision.verdict.flagged)
+            events = guarded_events(guard, stream, ChatChunkWriter(self.engine.model_id, self.fingerprint(guard)),
+                                    settings.n, self.stream_window(guard), self.settings.stream_check_interval,
+                                    request.include_usage, self.metrics, self.endpoint)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={**headers, "cache-control": "no-cache"})
+
+        (result,) = await self.generate(guard, [engine_request])
+        choices = []
+        for choice in result.choices:
+            blocked = choice.finish_reason == "content_filter"
+            message = AssistantMessage(content=None if blocked else choice.text,
+                                       refusal=choice.text if blocked else None)
+            choices.append(ChatChoice(index=choice.index, message=message, finish_reason=choice.finish_reason))
+        response = ChatCompletionResponse(
+            model=self.engine.model_id, choices=choices, system_fingerprint=self.fingerprint(guard),
+            usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                        total_tokens=result.prompt_tokens + result.completion_tokens))
+        return JSONResponse(response.model_dump(), headers=guard_headers(guard, self.flagged(result)))

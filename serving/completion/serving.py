@@ -1,0 +1,85 @@
+"""Guarded text completions; several prompts in one request run concurrently."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from guard.generation import FinishReason
+from serving.completion.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from serving.engines.base import EngineRequest
+from serving.errors import invalid_request, unsupported_parameter
+from serving.protocol import Usage
+from serving.serving_base import GuardedServing, guard_headers
+from serving.streaming import guarded_events
+
+
+class CompletionChunkWriter:
+    def __init__(self, model: str, fingerprint: str):
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+        self.fingerprint = fingerprint
+
+    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> dict:
+        return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage,
+                                  system_fingerprint=self.fingerprint).model_dump()
+
+    def start(self, index: int) -> None:
+        return None
+
+    def text(self, index: int, text: str) -> dict:
+        return self._chunk([CompletionChoice(index=index, text=text, finish_reason=None)])
+
+    def finish(self, index: int, reason: FinishReason, refusal: str | None) -> dict:
+        # Text completions have no refusal field: a blocked choice just ends with content_filter.
+        return self._chunk([CompletionChoice(index=index, text="", finish_reason=reason)])
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
+        return self._chunk([], Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                     total_tokens=prompt_tokens + completion_tokens))
+
+
+class CompletionServing(GuardedServing):
+    endpoint = "completions"
+
+    async def create(self, request: CompletionRequest) -> JSONResponse | StreamingResponse:
+        guard = self.context.guard_state.guard
+        self.validate(request)
+        prompts = request.prompts
+        if not prompts or not all(prompts):
+            raise self.invalid(invalid_request("'prompt' must not be empty", "prompt"))
+        settings = self.sampling(request, request.max_tokens)
+
+        if request.stream:
+            if len(prompts) > 1:
+                raise self.invalid(unsupported_parameter("prompt", "streaming accepts one prompt per request"))
+            stream = await self.open_stream(guard, EngineRequest(settings, prompt=prompts[0], user=request.end_user))
+            writer = CompletionChunkWriter(self.engine.model_id, self.fingerprint(guard))
+            events = guarded_events(guard, stream, writer, settings.n, self.stream_window(guard),
+                                    self.settings.stream_check_interval, request.include_usage, self.metrics,
+                                    self.endpoint)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={**guard_headers(guard, stream.decision.verdict.flagged),
+                                              "cache-control": "no-cache"})
+
+        engine_requests = [EngineRequest(settings, prompt=p, user=request.end_user) for p in prompts]
+        results = await self.generate(guard, engine_requests)
+        choices = []
+        flagged: list[str] = []
+        for number, result in enumerate(results):
+            flagged += self.flagged(result)
+            for choice in result.choices:
+                # A blocked choice carries no text: only what passed the guard is ever returned.
+                text = "" if choice.finish_reason == "content_filter" else choice.text
+                choices.append(CompletionChoice(index=number * settings.n + choice.index, text=text,
+                                                finish_reason=choice.finish_reason))
+        prompt_tokens = sum(r.prompt_tokens for r in results)
+        completion_tokens = sum(r.completion_tokens for r in results)
+        response = CompletionResponse(model=self.engine.model_id, choices=choices,
+                                      system_fingerprint=self.fingerprint(guard),
+                                      usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                                  total_tokens=prompt_tokens + completion_tokens))
+        return JSONResponse(response.model_dump(), headers=guard_headers(guard, flagged))

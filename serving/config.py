@@ -1,0 +1,57 @@
+"""Server settings: everything ``guard serve`` can be told, validated once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+EngineKind = Literal["transformers", "upstream", "vllm"]
+
+
+class SettingsError(ValueError):
+    """Settings that cannot work together; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    policy_path: Path
+    model: str = "embedded:smollm2"
+    engine: EngineKind = "transformers"
+    served_model_name: str | None = None  # the name clients use; defaults to ``model``
+    upstream_url: str | None = None  # base URL of an OpenAI-compatible server, e.g. http://host:8000/v1
+    upstream_api_key: str | None = None
+    upstream_tokenizer: str | None = None  # model reference whose tokenizer the upstream uses (for logit_bias)
+    upstream_timeout_s: float = 600.0
+    api_keys: tuple[str, ...] = ()  # empty: no authentication
+    max_request_bytes: int = 1_000_000
+    max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
+    default_max_tokens: int = 256  # chat requests without max_tokens
+    max_n: int = 8
+    batch_wait_ms: float = 5.0  # how long the transformers worker waits to batch concurrent requests
+    max_batch_size: int = 8
+    stream_window_margin: int = 16  # characters held back beyond twice the longest alias
+    stream_check_interval: int = 24  # new characters between two output checks of a stream
+    reload_policy: bool = True
+    vllm_options: dict[str, object] = field(default_factory=dict)  # extra vllm AsyncEngineArgs
+
+    def __post_init__(self) -> None:
+        if self.engine == "upstream" and not self.upstream_url:
+            raise SettingsError("the upstream engine needs --upstream URL")
+        if self.engine != "upstream" and (self.upstream_url or self.upstream_tokenizer or self.upstream_api_key):
+            raise SettingsError("--upstream, --upstream-tokenizer and --upstream-api-key only apply to the "
+                                "upstream engine")
+        for name in ("max_request_bytes", "max_tokens_limit", "default_max_tokens", "max_n", "max_batch_size",
+                     "stream_check_interval"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be at least 1")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise SettingsError("default_max_tokens cannot exceed max_tokens_limit")
+        if self.vllm_options and self.engine != "vllm":
+            raise SettingsError("--vllm-option only applies to the vllm engine")
+        if self.batch_wait_ms < 0 or self.stream_window_margin < 0:
+            raise SettingsError("batch_wait_ms and stream_window_margin cannot be negative")
+
+    @property
+    def model_id(self) -> str:
+        return self.served_model_name or self.model

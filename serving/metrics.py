@@ -1,0 +1,49 @@
+"""Prometheus metrics: what was asked, what was blocked (per concept) and what the guard cost.
+
+Each app owns its registry, so several servers in one process (tests, an app embedding ours) never collide.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("guard_requests", "Requests by endpoint and outcome "
+                                "(ok, blocked_prompt, blocked_output, guard_unavailable, invalid, error).",
+                                ["endpoint", "outcome"], registry=self.registry)
+        self.blocks = Counter("guard_blocks", "Blocked prompts or outputs per concept and stage.",
+                              ["concept", "stage"], registry=self.registry)
+        self.flags = Counter("guard_flags", "Concepts flagged in prompts (any action: refuse, steer or log).",
+                             ["concept", "action"], registry=self.registry)
+        self.regenerations = Counter("guard_regenerations", "Answers regenerated with stronger penalties.",
+                                     registry=self.registry)
+        self.guard_latency = Histogram("guard_added_latency_seconds",
+                                       "Time spent in guard checks per call (prompt, output, stream_output).",
+                                       ["stage"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.request_latency = Histogram("guard_request_duration_seconds",
+                                         "Latency until the response starts (the whole answer unless streamed).",
+                                         ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_size = Histogram("guard_batch_size", "Requests decoded together by the transformers engine.",
+                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=self.registry)
+        self.policy_reloads = Counter("guard_policy_reloads", "Policy reload attempts by result (applied, rejected).",
+                                      ["result"], registry=self.registry)
+        self.policy_info = Gauge("guard_policy_info", "The active policy (value 1), labelled by its version tag.",
+                                 ["version"], registry=self.registry)
+
+    def record_block(self, concept_ids: Sequence[str], stage: str) -> None:
+        for concept_id in concept_ids:
+            self.blocks.labels(concept=concept_id, stage=stage).inc()
+
+    def set_policy(self, version_tag: str) -> None:
+        self.policy_info.clear()
+        self.policy_info.labels(version=version_tag).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,165 @@
+"""Server-sent events with a sliding-window output check: nothing reaches the client before the guard read it.
+
+Each streamed choice keeps back its last ``window`` characters. Whenever enough new text has arrived, the
+guard checks *all* text generated so far and only then releases everything except the held-back tail. An
+alias of length L <= window that is still being written must start inside the tail, so a forbidden phrase
+split over several deltas ("Eif" + "fel Tow" + "er") is caught before any part of it is sent. The window is
+twice the longest alias plus a margin, because spaced-out spellings ("E i f f e l") double an alias's length.
+
+A violation ends that choice with ``finish_reason: "content_filter"`` (chat: the policy message in
+``delta.refusal``); the HTTP status is already 200 by then. A guard failure mid-stream sends an OpenAI error
+frame and no ``[DONE]``, so clients see a failed stream rather than a silently truncated answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Protocol
+
+from anyio import to_thread
+
+from guard.core import Guard, GuardUnavailable, OutputAction, OutputDecision, PromptDecision
+from guard.generation import FinishReason
+from guard.policy import Policy
+from serving.engines.base import EngineStream
+from serving.errors import OpenAIError, guard_unavailable
+from serving.metrics import ServerMetrics
+
+logger = logging.getLogger("serving")
+
+DONE_FRAME = b"data: [DONE]\n\n"
+
+
+def window_size(policy: Policy, margin: int) -> int:
+    longest = max((len(alias) for concept in policy.concepts for alias in concept.aliases), default=0)
+    return 2 * longest + margin
+
+
+@dataclass(frozen=True)
+class WindowStep:
+    release: str  # text now safe to send
+    blocked: OutputDecision | None = None  # set when the output check refused; nothing more is sent
+
+
+class OutputWindow:
+    """The sliding-window check for one streamed choice."""
+
+    def __init__(self, guard: Guard, decision: PromptDecision, window: int, interval: int):
+        self.guard = guard
+        self.decision = decision
+        self.window = window
+        self.interval = max(1, interval)
+        self.text = ""
+        self.released = 0
+
+    def add(self, delta: str) -> None:
+        self.text += delta
+
+    @property
+    def due(self) -> bool:
+        """Enough unchecked text has piled up behind the window to be worth a check."""
+        return len(self.text) - self.released >= self.window + self.interval
+
+    def check(self, final: bool) -> WindowStep:
+        """Run the guard over everything generated so far (blocking; call from a worker thread)."""
+        verdict = self.guard.check_output(self.text, self.decision, attempt=0)
+        if verdict.action is not OutputAction.send:
+            return WindowStep("", verdict)
+        end = len(self.text) if final else max(self.released, len(self.text) - self.window)
+        release = self.text[self.released:end]
+        self.released = end
+        return WindowStep(release)
+
+
+def blocked_message(guard: Guard, decision: OutputDecision) -> str:
+    """The policy message for a streamed block (a 'regenerate' verdict cannot regenerate text already sent)."""
+    if decision.message:
+        return decision.message
+    return guard.refusal_message(decision.verdict.refused + decision.verdict.steered)
+
+
+def blocked_concepts(decision: OutputDecision) -> list[str]:
+    return decision.verdict.refused + decision.verdict.steered
+
+
+class ChunkWriter(Protocol):
+    """Turns stream events into the chunk dicts of one endpoint (chat or text completions)."""
+
+    def start(self, index: int) -> dict | None:
+        """The opening chunk of a choice (chat sends the assistant role), or None."""
+
+    def text(self, index: int, text: str) -> dict: ...
+
+    def finish(self, index: int, reason: FinishReason, refusal: str | None) -> dict: ...
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict: ...
+
+
+def frame(payload: dict) -> bytes:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+async def guarded_events(guard: Guard, stream: EngineStream, writer: ChunkWriter, choices: int, window: int,
+                         interval: int, include_usage: bool, metrics: ServerMetrics, endpoint: str,
+                         on_block: Callable[[list[str]], None] = lambda ids: None) -> AsyncIterator[bytes]:
+    """The SSE body of a guarded stream; closes the engine stream however it ends."""
+    windows = {i: OutputWindow(guard, stream.decision, window, interval) for i in range(choices)}
+    open_choices = set(windows)
+
+    async def settle(index: int, finish_reason: FinishReason | None) -> AsyncIterator[bytes]:
+        """Check choice ``index`` (finally, when ``finish_reason`` is set) and emit what may be sent."""
+        started = time.perf_counter()
+        step = await to_thread.run_sync(windows[index].check, finish_reason is not None)
+        metrics.guard_latency.labels(stage="stream_output").observe(time.perf_counter() - started)
+        if step.release:
+            yield frame(writer.text(index, step.release))
+        if step.blocked is not None:
+            concepts = blocked_concepts(step.blocked)
+            metrics.record_block(concepts, stage="stream_output")
+            on_block(concepts)
+            logger.info("stream choice %d blocked by the output check: %s", index, ", ".join(concepts))
+            yield frame(writer.finish(index, "content_filter", blocked_message(guard, step.blocked)))
+            open_choices.discard(index)
+            await stream.cancel(index)
+        elif finish_reason is not None:
+            yield frame(writer.finish(index, finish_reason, None))
+            open_choices.discard(index)
+
+    try:
+        for index in range(choices):
+            if (opening := writer.start(index)) is not None:
+                yield frame(opening)
+        async for delta in stream:
+            if delta.index not in open_choices:
+                continue
+            windows[delta.index].add(delta.text)
+            if delta.finish_reason is not None or windows[delta.index].due:
+                async for chunk in settle(delta.index, delta.finish_reason):
+                    yield chunk
+        # The engine stream is read to its end (not left when the last choice finishes): upstreams send
+        # their token usage after the last choice.
+        if open_choices:
+            raise EngineStreamError(f"the engine ended the stream before choices {sorted(open_choices)} finished")
+        if include_usage:
+            yield frame(writer.usage(stream.prompt_tokens, stream.completion_tokens))
+        metrics.requests.labels(endpoint=endpoint, outcome="ok").inc()
+        yield DONE_FRAME
+    except GuardUnavailable as err:
+        logger.error("guard failed during a stream; ending it with an error frame: %s", err)
+        metrics.requests.labels(endpoint=endpoint, outcome="guard_unavailable").inc()
+        yield guard_unavailable(str(err)).sse_frame()
+    except (OpenAIError, EngineStreamError) as err:
+        logger.error("engine failed during a stream: %s", err)
+        metrics.requests.labels(endpoint=endpoint, outcome="error").inc()
+        error = err if isinstance(err, OpenAIError) else OpenAIError(500, str(err), type="server_error",
+                                                                      code="engine_error")
+        yield error.sse_frame()
+    finally:
+        await stream.aclose()
+
+
+class EngineStreamError(RuntimeError):
+    """The engine broke the stream contract (a choice ended without a finish reason)."""
