@@ -117,9 +117,15 @@ class Guard:
         return PromptDecision(verdict, list(dict.fromkeys(penalized + self.always_penalized)))
 
     def check_output(self, text: str, decision: PromptDecision, attempt: int = 0) -> OutputDecision:
-        """Decide about generated text; ``attempt`` counts regenerations already made."""
+        """Decide about generated text; ``attempt`` counts regenerations already made.
+
+        A refused concept leaks on any evidence. A steered concept leaks only when the text *names* it (alias
+        evidence): steering exists to answer on-topic requests without the forbidden names, and exemplars are
+        questions, so meaning-level similarity of an answer would block every on-topic reply.
+        """
         verdict = self.classify([text])
-        leaked = verdict.refused + verdict.steered
+        named = {s.concept_id for s in verdict.classification.flagged if s.detector == "alias"}
+        leaked = verdict.refused + [cid for cid in verdict.steered if cid in named]
         if not leaked:
             return OutputDecision(OutputAction.send, verdict)
         retries = min(self.policy.concept(cid).methods.token_penalty.max_regenerations for cid in leaked)
