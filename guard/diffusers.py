@@ -358,6 +358,25 @@ class ImageGuard:
         self.guarded = GuardedPipeline(pipe, policy, self.nsfw)
         self._lock = threading.Lock()
 
+    @property
+    def policy(self) -> Policy:
+        return self.guarded.policy
+
+    def use_policy(self, policy: Policy) -> None:
+        """Guard every later call with ``policy``, keeping the loaded weights (the server's policy hot reload).
+
+        Waits for a running call. If the new policy cannot be installed, the old one is installed again and the
+        error raised, so the pipeline is never left unguarded.
+        """
+        with self._lock:
+            current = self.guarded
+            current.remove()
+            try:
+                self.guarded = GuardedPipeline(current.pipe, policy, self.nsfw)
+            except Exception:
+                self.guarded = GuardedPipeline(current.pipe, current.policy, self.nsfw)
+                raise
+
     def generate(self, prompt: str, n: int = 1, size: str | tuple[int, int] | None = None, seed: int | None = None,
                  steps: int | None = None, guidance_scale: float | None = None,
                  negative_prompt: str | None = None) -> ImageResult:

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 import typer
 import yaml
 
+from detectors import DetectorError
+from guard.certify import CertifyError
 from guard.cli import app, console, fail
 from guard.core import GuardUnavailable
 from guard.models import ModelError
@@ -47,10 +49,15 @@ def serve(
     max_batch_size: Annotated[int, typer.Option(help="Most requests decoded together.")] = 8,
     vllm_option: Annotated[list[str] | None, typer.Option(
         "--vllm-option", help="KEY=VALUE for vLLM's AsyncEngineArgs (repeatable), e.g. max_model_len=4096.")] = None,
+    image_model: Annotated[str | None, typer.Option(
+        help="Local Stable Diffusion (1.x/2.x/XL) folder to serve at /v1/images/generations.")] = None,
+    image_nsfw_threshold: Annotated[float | None, typer.Option(
+        help="Check generated images with Open-NSFW; scores at or above this are regenerated or refused.")] = None,
     reload: Annotated[bool, typer.Option(help="Reload the policy when its file changes.")] = True,
     log_level: Annotated[Literal["debug", "info", "warning", "error"], typer.Option()] = "info",
 ) -> None:
-    """Serve /v1/chat/completions, /v1/completions and /v1/models with the policy guarding every request."""
+    """Serve /v1/chat/completions, /v1/completions, /v1/models (and /v1/images/generations with --image-model)
+    with the policy guarding every request."""
     import uvicorn
 
     from serving.app import build_app
@@ -70,11 +77,13 @@ def serve(
             upstream_url=upstream, upstream_api_key=upstream_api_key, upstream_tokenizer=upstream_tokenizer,
             api_keys=tuple(api_key or ()), max_request_bytes=max_request_bytes, max_tokens_limit=max_tokens_limit,
             default_max_tokens=default_max_tokens, batch_wait_ms=batch_wait_ms, max_batch_size=max_batch_size,
-            reload_policy=reload, vllm_options=vllm_options)
+            reload_policy=reload, vllm_options=vllm_options, image_model=image_model,
+            image_nsfw_threshold=image_nsfw_threshold)
         load_policy(policy_file)  # a bad policy fails before any model is loaded
-        with console.status(f"loading the {chosen} engine ({model}) and the guard"):
+        loading = f"the {chosen} engine ({model})" + (f", the image model ({image_model})" if image_model else "")
+        with console.status(f"loading {loading} and the guard"):
             server_app = build_app(settings)
-    except (SettingsError, PolicyError, ModelError, GuardUnavailable) as err:
+    except (SettingsError, PolicyError, ModelError, GuardUnavailable, CertifyError, DetectorError) as err:
         raise fail(str(err)) from None
     except ImportError as err:
         raise fail(f"the {chosen} engine is not installed ({err}); for vLLM: pip install '.[vllm]'") from None

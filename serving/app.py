@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from serving.auth import ApiKeyMiddleware, BodySizeLimitMiddleware
 from serving.chat_completion.api_router import router as chat_router
 from serving.completion.api_router import router as completion_router
+from serving.images.api_router import router as images_router
 from serving.config import ServerSettings
 from serving.engines.base import Engine
 from serving.errors import OpenAIError, install_handlers
@@ -48,7 +49,9 @@ def build_app(settings: ServerSettings) -> FastAPI:
     """The app for ``settings``; loads engine and guard now (errors raise here), prepares the engine at start-up."""
     metrics = ServerMetrics()
     engine = create_engine(settings, metrics)
-    context = ServerContext(settings, engine, GuardState(settings.policy_path, engine, metrics), metrics)
+    guard_state = GuardState(settings.policy_path, engine, metrics, settings.image_model,
+                             settings.image_nsfw_threshold)
+    context = ServerContext(settings, engine, guard_state, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -75,25 +78,27 @@ def build_app(settings: ServerSettings) -> FastAPI:
     app.add_middleware(BodySizeLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
 
-    # OpenAI endpoints. /v1/images/generations (guard serve --image-model) is added to this list.
-    for router in (chat_router, completion_router):
+    # OpenAI endpoints. /v1/images/generations answers 404 model_not_found unless started with --image-model.
+    for router in (chat_router, completion_router, images_router):
         app.include_router(router)
+    served = [engine.model_id] + ([settings.image_model] if settings.image_model is not None else [])
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=engine.model_id)])
+        return ModelList(data=[ModelCard(id=model) for model in served])
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str) -> ModelCard:
-        if model != engine.model_id:
+        if model not in served:
             raise OpenAIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
-        return ModelCard(id=engine.model_id)
+        return ModelCard(id=model)
 
     @app.get("/health")
     async def health() -> JSONResponse:
         guard = context.guard_state.guard
         return JSONResponse({"status": "ok", "model": engine.model_id, "engine": engine.description,
-                             "policy": guard.policy.version_tag, "concepts": len(guard.policy.concepts)})
+                             "image_model": settings.image_model, "policy": guard.policy.version_tag,
+                             "concepts": len(guard.policy.concepts)})
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

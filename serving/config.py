@@ -34,6 +34,8 @@ class ServerSettings:
     stream_check_interval: int = 24  # new characters between two output checks of a stream
     reload_policy: bool = True
     vllm_options: dict[str, object] = field(default_factory=dict)  # extra vllm AsyncEngineArgs
+    image_model: str | None = None  # a local Stable Diffusion folder: serves /v1/images/generations
+    image_nsfw_threshold: float | None = None  # Open-NSFW check of generated images (None: off)
 
     def __post_init__(self) -> None:
         if self.engine == "upstream" and not self.upstream_url:
@@ -51,6 +53,10 @@ class ServerSettings:
             raise SettingsError("--vllm-option only applies to the vllm engine")
         if self.batch_wait_ms < 0 or self.stream_window_margin < 0:
             raise SettingsError("batch_wait_ms and stream_window_margin cannot be negative")
+        if self.image_nsfw_threshold is not None and self.image_model is None:
+            raise SettingsError("--image-nsfw-threshold only applies with --image-model")
+        if self.image_nsfw_threshold is not None and not 0.0 <= self.image_nsfw_threshold <= 1.0:
+            raise SettingsError("--image-nsfw-threshold must be between 0 and 1")
 
     @property
     def model_id(self) -> str:

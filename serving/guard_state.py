@@ -1,9 +1,9 @@
 """The active guard and its hot reload.
 
 A request takes the guard once and keeps it to the end, so it is judged by one policy even if a reload lands
-mid-request. A reload builds the new guard completely (detectors, the engine's penalty tables) before swapping
-it in; a policy that fails to load or build is rejected with a log line and the old one stays active — a broken
-edit must never leave the server unguarded or down.
+mid-request. A reload builds the new guard completely (detectors, erase-and-check, the engine's penalty tables,
+the image guard) before swapping it in; a policy that fails to load or build is rejected with a log line and the
+old one stays active — a broken edit must never leave the server unguarded or down.
 """
 
 from __future__ import annotations
@@ -12,16 +12,29 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from anyio import to_thread
 
+from guard.certify import Certificate, EraseAndCheck
 from guard.core import ConceptRefused, Guard, OutputDecision, PromptDecision
-from guard.policy import Policy, load_policy
+from guard.policy import ActionType, Policy, load_policy
 from serving.engines.base import Engine
 from serving.metrics import ServerMetrics
 
+if TYPE_CHECKING:
+    from guard.diffusers import ImageGuard
+
 logger = logging.getLogger("serving")
+
+
+def refusal_policy(policy: Policy) -> Policy:
+    """The policy's refused concepts only: what erase-and-check certifies against.
+
+    Its verdict refuses the request, so concepts the policy steers or only logs must not take part — certifying
+    them would turn "answer without naming it" into a refusal.
+    """
+    return policy.model_copy(update={"concepts": [c for c in policy.concepts if c.action.type == ActionType.refuse]})
 
 
 class MeteredGuard(Guard):
@@ -30,6 +43,18 @@ class MeteredGuard(Guard):
     def __init__(self, policy: Policy, metrics: ServerMetrics):
         super().__init__(policy)
         self.metrics = metrics
+        # Built with the guard, so each policy version certifies with its own settings and concepts.
+        self.certifier = EraseAndCheck.from_policy(refusal_policy(policy)) if policy.certify is not None else None
+
+    def certify(self, prompt: str) -> Certificate:
+        """erase-and-check ``prompt`` (only for policies with a ``certify:`` block; blocking — run it in a thread)."""
+        if self.certifier is None:
+            raise ValueError(f"policy {self.policy.version_tag} has no certify block")
+        started = time.perf_counter()
+        try:
+            return self.certifier.certify(prompt)
+        finally:
+            self.metrics.guard_latency.labels(stage="certify").observe(time.perf_counter() - started)
 
     def check_prompt(self, texts: Sequence[str]) -> PromptDecision:
         started = time.perf_counter()
@@ -56,12 +81,18 @@ class MeteredGuard(Guard):
 
 
 class GuardState:
-    def __init__(self, policy_path: Path, engine: Engine, metrics: ServerMetrics):
-        """Load the policy and build its guard now: a server must not even start without a working guard."""
+    def __init__(self, policy_path: Path, engine: Engine, metrics: ServerMetrics, image_model: str | None = None,
+                 image_nsfw_threshold: float | None = None):
+        """Load the policy and build its guards now: a server must not even start without a working guard."""
         self.policy_path = policy_path
         self.engine = engine
         self.metrics = metrics
         self._guard = MeteredGuard(load_policy(policy_path), metrics)
+        self.images: ImageGuard | None = None
+        if image_model is not None:
+            from guard.diffusers import ImageGuard
+
+            self.images = ImageGuard(image_model, self._guard.policy, nsfw_threshold=image_nsfw_threshold)
 
     @property
     def guard(self) -> MeteredGuard:
@@ -82,6 +113,8 @@ class GuardState:
                 return False
             guard = await to_thread.run_sync(MeteredGuard, policy, self.metrics)
             await self.engine.prepare(guard)
+            if self.images is not None:
+                await to_thread.run_sync(self.images.use_policy, policy)
         except Exception as err:  # noqa: BLE001 - a bad policy, missing model or detector failure keeps the old one
             self.metrics.policy_reloads.labels(result="rejected").inc()
             logger.error("policy reload rejected, keeping %s: %s", self.guard.policy.version_tag, err)

@@ -25,7 +25,7 @@ class ServerMetrics:
         self.regenerations = Counter("guard_regenerations", "Answers regenerated with stronger penalties.",
                                      registry=self.registry)
         self.guard_latency = Histogram("guard_added_latency_seconds",
-                                       "Time spent in guard checks per call (prompt, output, stream_output).",
+                                       "Time spent in guard checks per call (prompt, certify, output, stream_output).",
                                        ["stage"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.request_latency = Histogram("guard_request_duration_seconds",
                                          "Latency until the response starts (the whole answer unless streamed).",

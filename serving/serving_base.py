@@ -7,6 +7,9 @@ import logging
 from dataclasses import dataclass
 from typing import Sequence
 
+from anyio import to_thread
+
+from guard.certify import Certificate
 from guard.core import ConceptRefused, Guard, GuardUnavailable
 from guard.generation import GenerationResult, SamplingSettings
 from guard.token_penalty import TokenPenaltyError
@@ -14,7 +17,7 @@ from serving.config import ServerSettings
 from serving.engines.base import Engine, EngineRequest, EngineStream
 from serving.errors import (OpenAIError, guard_unavailable, invalid_request, model_not_found, policy_violation,
                             unsupported_parameter)
-from serving.guard_state import GuardState
+from serving.guard_state import GuardState, MeteredGuard
 from serving.metrics import ServerMetrics
 from serving.protocol import SamplingRequest
 from serving.streaming import window_size
@@ -96,6 +99,53 @@ class GuardedServing:
         logger.error("guard unavailable, refusing the request: %s", err)
         error = guard_unavailable(str(err))
         error.headers.update(guard_headers(guard, []))
+        return error
+
+    async def certify(self, guard: MeteredGuard, prompts: Sequence[str], user: str | None) -> dict[str, str]:
+        """erase-and-check each prompt before anything is generated; the ``x-guard-certificate`` header, or {}.
+
+        Only policies with a ``certify:`` block certify. A flagged prompt is refused (400); certification that
+        cannot run refuses the request (503): never an uncertified answer.
+        """
+        if guard.certifier is None:
+            return {}
+
+        def run() -> tuple[list[Certificate], list[str]]:
+            certificates: list[Certificate] = []
+            for prompt in prompts:
+                certificates.append(guard.certify(prompt))
+                if certificates[-1].flagged:
+                    return certificates, guard.classify([certificates[-1].trigger or ""]).refused
+            return certificates, []
+
+        try:
+            certificates, concept_ids = await to_thread.run_sync(run)
+        except Exception as err:  # noqa: BLE001 - any certification fault fails closed, with its cause
+            raise self._unavailable(guard, err) from None
+        header = {"x-guard-certificate": ", ".join(c.header_value() for c in certificates)}
+        last = certificates[-1]
+        if not last.flagged:
+            return header
+        if last.trigger_erased_tokens == 0 and concept_ids:
+            # The prompt itself names a refused concept: the guard's own refusal, as without certification.
+            error = self._refused(guard, ConceptRefused(concept_ids, guard.refusal_message(concept_ids)), user)
+        else:
+            error = self._certify_refused(guard, last, concept_ids, user)
+        error.headers.update(header)
+        raise error
+
+    def _certify_refused(self, guard: Guard, certificate: Certificate, concept_ids: list[str],
+                         user: str | None) -> OpenAIError:
+        """A prompt the guard's own check would pass: harmful behind up to d extra tokens (an adversarial suffix,
+        say), or caught only by the harmful-request classifier of ``filter: both``."""
+        logger.info("erase-and-check refused a prompt (%s)%s", ", ".join(concept_ids) or certificate.filter,
+                    f" from user {user!r}" if user else "")
+        self.metrics.requests.labels(endpoint=self.endpoint, outcome="blocked_prompt").inc()
+        self.metrics.record_block(concept_ids or ["erase-and-check"], stage="certify")
+        message = (f"Sorry, I can't help with that: erase-and-check (mode={certificate.mode}, "
+                   f"d={certificate.max_erase}) flagged this prompt as harmful.")
+        error = policy_violation(concept_ids, message)
+        error.headers.update(guard_headers(guard, concept_ids))
         return error
 
     async def generate(self, guard: Guard, requests: list[EngineRequest]) -> list[GenerationResult]:

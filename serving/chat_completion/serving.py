@@ -50,10 +50,11 @@ class ChatServing(GuardedServing):
         param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         settings = self.sampling(request, request.requested_max_tokens, param)
         engine_request = EngineRequest(settings, messages=request.plain_messages(), user=request.end_user)
+        certificate = await self.certify(guard, ["\n".join(engine_request.guard_texts)], request.end_user)
 
         if request.stream:
             stream = await self.open_stream(guard, engine_request)
-            headers = guard_headers(guard, stream.decision.verdict.flagged)
+            headers = {**guard_headers(guard, stream.decision.verdict.flagged), **certificate}
             events = guarded_events(guard, stream, ChatChunkWriter(self.engine.model_id, self.fingerprint(guard)),
                                     settings.n, self.stream_window(guard), self.settings.stream_check_interval,
                                     request.include_usage, self.metrics, self.endpoint)
@@ -71,4 +72,5 @@ class ChatServing(GuardedServing):
             model=self.engine.model_id, choices=choices, system_fingerprint=self.fingerprint(guard),
             usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                         total_tokens=result.prompt_tokens + result.completion_tokens))
-        return JSONResponse(response.model_dump(), headers=guard_headers(guard, self.flagged(result)))
+        headers = {**guard_headers(guard, self.flagged(result)), **certificate}
+        return JSONResponse(response.model_dump(), headers=headers)

@@ -56,6 +56,7 @@ class CompletionServing(GuardedServing):
         if request.stream:
             if len(prompts) > 1:
                 raise self.invalid(unsupported_parameter("prompt", "streaming accepts one prompt per request"))
+            certificate = await self.certify(guard, prompts, request.end_user)
             stream = await self.open_stream(guard, EngineRequest(settings, prompt=prompts[0], user=request.end_user))
             writer = CompletionChunkWriter(self.engine.model_id, self.fingerprint(guard))
             events = guarded_events(guard, stream, writer, settings.n, self.stream_window(guard),
@@ -63,8 +64,9 @@ class CompletionServing(GuardedServing):
                                     self.endpoint)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={**guard_headers(guard, stream.decision.verdict.flagged),
-                                              "cache-control": "no-cache"})
+                                              **certificate, "cache-control": "no-cache"})
 
+        certificate = await self.certify(guard, prompts, request.end_user)
         engine_requests = [EngineRequest(settings, prompt=p, user=request.end_user) for p in prompts]
         results = await self.generate(guard, engine_requests)
         choices = []
@@ -82,4 +84,4 @@ class CompletionServing(GuardedServing):
                                       system_fingerprint=self.fingerprint(guard),
                                       usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                                   total_tokens=prompt_tokens + completion_tokens))
-        return JSONResponse(response.model_dump(), headers=guard_headers(guard, flagged))
+        return JSONResponse(response.model_dump(), headers={**guard_headers(guard, flagged), **certificate})
