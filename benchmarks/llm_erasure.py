@@ -110,8 +110,8 @@ def _near_miss(text: str, aliases: Sequence[str]) -> str | None:
     return None
 
 
-def _decode_overhead(guard: Guard, model: Any, tokenizer: Any, prompts: Sequence[str], concept_ids: list[str],
-                     max_new_tokens: int, answers: Sequence[str]) -> dict[str, float]:
+def decode_overhead(guard: Guard, model: Any, tokenizer: Any, prompts: Sequence[str], concept_ids: list[str],
+                    max_new_tokens: int, answers: Sequence[str]) -> dict[str, float]:
     """The per-step cost of the penalties alone, two ways.
 
     * the same batch decoded plain and with every row penalised (no checks), alternating twice and keeping
@@ -251,8 +251,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "wall_time_ratio": guarded_s / unguarded_s,
         "probe_tokens_per_s_ratio": _speed_ratio(passes[0]),
         "retain_tokens_per_s_ratio": _speed_ratio(passes[1]),
-        "decode_only": _decode_overhead(guard, model, tokenizer, retain[: args.batch_size], [c.id for c in concepts],
-                                        args.max_new_tokens, [a.text for a in unguarded]),
+        "decode_only": decode_overhead(guard, model, tokenizer, retain[: args.batch_size], [c.id for c in concepts],
+                                       args.max_new_tokens, [a.text for a in unguarded]),
         "startup_s": startup,
     }
     by_kind: dict[str, dict[str, float]] = {}

@@ -102,6 +102,11 @@ class CachedEncoder:
     def get_embedding_dimension(self) -> int:
         return int(self.encoder.get_embedding_dimension())
 
+    def clear(self) -> None:
+        """Forget every vector, so the next prompt pays for its own embeddings (benchmarks of a fresh prompt)."""
+        with self._lock:
+            self._vectors.clear()
+
     def encode(self, sentences: Sequence[str], batch_size: int = 64, convert_to_numpy: bool = True,
                normalize_embeddings: bool = True, show_progress_bar: bool = False) -> np.ndarray:
         """Unit-length float32 vectors, one row per sentence; only unseen sentences reach the model."""

@@ -74,7 +74,7 @@ def _smollm2_folder() -> Path:
 
         target.parent.mkdir(parents=True, exist_ok=True)
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         model.hf_quantizer = None  # the dequantised weights are plain tensors; let save_pretrained write them
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -119,7 +119,7 @@ def load_language_model(reference: str) -> tuple["PreTrainedModel", "PreTrainedT
     resolved = resolve(reference)
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.path)
-        model = AutoModelForCausalLM.from_pretrained(resolved.path, torch_dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch.float32).eval()
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load language model '{reference}': {err}") from err
     return model, tokenizer

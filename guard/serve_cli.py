@@ -33,6 +33,8 @@ def serve(
         help="Model reference with the upstream model's tokenizer, so penalties go out as logit_bias.")] = None,
     upstream_api_key: Annotated[str | None, typer.Option(envvar="GUARD_UPSTREAM_API_KEY",
                                                          help="Bearer key for the upstream.")] = None,
+    upstream_timeout: Annotated[float, typer.Option(help="Seconds to wait for the upstream before answering "
+                                                         "504 upstream_timeout.")] = 600.0,
     engine: Annotated[Literal["auto", "transformers", "upstream", "vllm"],
                       typer.Option(help="auto: upstream with --upstream, else transformers. vllm needs "
                                         "pip install .[vllm].")] = "auto",
@@ -75,6 +77,7 @@ def serve(
         settings = ServerSettings(
             policy_path=policy_file, model=model, engine=chosen, served_model_name=served_model_name,
             upstream_url=upstream, upstream_api_key=upstream_api_key, upstream_tokenizer=upstream_tokenizer,
+            upstream_timeout_s=upstream_timeout,
             api_keys=tuple(api_key or ()), max_request_bytes=max_request_bytes, max_tokens_limit=max_tokens_limit,
             default_max_tokens=default_max_tokens, batch_wait_ms=batch_wait_ms, max_batch_size=max_batch_size,
             reload_policy=reload, vllm_options=vllm_options, image_model=image_model,

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from serving.auth import ApiKeyMiddleware, BodySizeLimitMiddleware
 from serving.chat_completion.api_router import router as chat_router
@@ -21,7 +21,7 @@ from serving.completion.api_router import router as completion_router
 from serving.images.api_router import router as images_router
 from serving.config import ServerSettings
 from serving.engines.base import Engine
-from serving.errors import OpenAIError, install_handlers
+from serving.errors import ERROR_RESPONSES, OpenAIError, install_handlers
 from serving.guard_state import GuardState, cancel
 from serving.metrics import ServerMetrics
 from serving.protocol import ModelCard, ModelList
@@ -80,14 +80,14 @@ def build_app(settings: ServerSettings) -> FastAPI:
 
     # OpenAI endpoints. /v1/images/generations answers 404 model_not_found unless started with --image-model.
     for router in (chat_router, completion_router, images_router):
-        app.include_router(router)
+        app.include_router(router, responses=ERROR_RESPONSES)  # every error status is documented in /openapi.json
     served = [engine.model_id] + ([settings.image_model] if settings.image_model is not None else [])
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def list_models() -> ModelList:
         return ModelList(data=[ModelCard(id=model) for model in served])
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", responses=ERROR_RESPONSES)
     async def get_model(model: str) -> ModelCard:
         if model not in served:
             raise OpenAIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
@@ -100,7 +100,7 @@ def build_app(settings: ServerSettings) -> FastAPI:
                              "image_model": settings.image_model, "policy": guard.policy.version_tag,
                              "concepts": len(guard.policy.concepts)})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -47,6 +47,8 @@ class ServerSettings:
                      "stream_check_interval"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1")
+        if self.upstream_timeout_s <= 0:
+            raise SettingsError("upstream_timeout_s must be positive")
         if self.default_max_tokens > self.max_tokens_limit:
             raise SettingsError("default_max_tokens cannot exceed max_tokens_limit")
         if self.vllm_options and self.engine != "vllm":

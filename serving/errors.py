@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("serving")
@@ -81,6 +82,40 @@ def request_too_large(limit: int) -> OpenAIError:
 
 def upstream_error(detail: str) -> OpenAIError:
     return OpenAIError(502, f"The upstream model server failed: {detail}", type="server_error", code="upstream_error")
+
+
+def upstream_timeout(timeout_s: float) -> OpenAIError:
+    # 504, not 502: the upstream may still be working; a client can retry with a smaller request.
+    return OpenAIError(504, f"The upstream model server did not answer within {timeout_s:g} s.", type="server_error",
+                       code="upstream_timeout")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The OpenAI error object, as documented in /openapi.json for every status the server can answer with."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description} for status, description in (
+        (400, "Invalid request, or a prompt the policy refuses (code content_policy_violation)."),
+        (401, "Missing or wrong API key."),
+        (404, "Unknown model or route."),
+        (405, "Method not allowed."),
+        (413, "Request body over --max-request-bytes."),
+        (429, "The upstream is rate limiting."),
+        (500, "Internal error."),
+        (502, "The upstream model server failed."),
+        (503, "The guard could not run: the request was not answered (fail closed)."),
+        (504, "The upstream model server timed out."),
+    )}
 
 
 def _param_of(location: Sequence[Any]) -> str | None:

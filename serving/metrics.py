@@ -15,8 +15,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("guard_requests", "Requests by endpoint and outcome "
-                                "(ok, blocked_prompt, blocked_output, guard_unavailable, invalid, error).",
+        self.requests = Counter("guard_requests", "Requests by endpoint and outcome (ok, blocked_prompt, "
+                                "blocked_output, guard_unavailable, invalid, error, disconnected).",
                                 ["endpoint", "outcome"], registry=self.registry)
         self.blocks = Counter("guard_blocks", "Blocked prompts or outputs per concept and stage.",
                               ["concept", "stage"], registry=self.registry)

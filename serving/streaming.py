@@ -13,6 +13,7 @@ frame and no ``[DONE]``, so clients see a failed stream rather than a silently t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -31,6 +32,18 @@ from serving.metrics import ServerMetrics
 logger = logging.getLogger("serving")
 
 DONE_FRAME = b"data: [DONE]\n\n"
+
+
+def completion_responses(body: type) -> dict[int | str, dict]:
+    """OpenAPI for a completion route's 200: ``body`` as JSON, or server-sent events with ``stream: true``.
+
+    Before OpenAPI 3.2 an event-stream ``schema`` describes one event: its ``data`` is a JSON chunk or ``[DONE]``.
+    """
+    event = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string", "description": "A JSON chunk object, or [DONE] at the end."},
+                            "event": {"type": "string"}, "id": {"type": "string"}}}
+    return {200: {"model": body, "description": "The completion; with stream=true, server-sent events.",
+                  "content": {"text/event-stream": {"schema": event}}}}
 
 
 def window_size(policy: Policy, margin: int) -> int:
@@ -157,6 +170,9 @@ async def guarded_events(guard: Guard, stream: EngineStream, writer: ChunkWriter
         error = err if isinstance(err, OpenAIError) else OpenAIError(500, str(err), type="server_error",
                                                                       code="engine_error")
         yield error.sse_frame()
+    except (asyncio.CancelledError, GeneratorExit):  # the client went away: stop decoding for it
+        metrics.requests.labels(endpoint=endpoint, outcome="disconnected").inc()
+        raise
     finally:
         await stream.aclose()
 

@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -53,18 +53,23 @@ class RunningServer:
 
 def start_server(settings: "object") -> RunningServer:
     """Build the app for ``settings`` and serve it on an OS-chosen loopback port until it is ready."""
-    import uvicorn
-
     from serving.app import build_app
 
     app = build_app(settings)  # type: ignore[arg-type]
+    return serve_app(app, startup_error=lambda: app.state.startup_error)
+
+
+def serve_app(app: object, startup_error: "Callable[[], object]" = lambda: None) -> RunningServer:
+    """Serve any ASGI ``app`` with uvicorn on an OS-chosen loopback port, in a thread, until it is ready."""
+    import uvicorn
+
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, name="guard-test-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while not server.started:
         if not thread.is_alive():
-            raise RuntimeError(f"test server did not start: {app.state.startup_error}")
+            raise RuntimeError(f"test server did not start: {startup_error()}")
         if time.monotonic() > deadline:
             server.should_exit = True
             raise TimeoutError("test server did not start in time")

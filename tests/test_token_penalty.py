@@ -183,6 +183,23 @@ def test_processor_leaves_unpenalised_rows_bit_identical(penalties: TokenPenalti
     assert out[1, potter] == float("-inf")
 
 
+def test_processor_works_on_logits_wider_than_its_vocabulary(penalties: TokenPenalties, tokenizer) -> None:
+    """Models often pad their output layer past the tokenizer (a Llama-3-sized head under the SmolLM2 tokenizer
+    in benchmarks/overhead.py): extra columns and ids the tokenizer does not know must pass through untouched."""
+    width = len(tokenizer) + 1000
+    scores = torch.randn(2, width).to(torch.bfloat16)
+    original = scores.clone()
+    prompt = torch.tensor([[5, 6, 7]] * 2)
+    harry = tokenizer.encode(" Harry", add_special_tokens=False)
+    processor = penalties.processor([PenaltyRow((CONCEPT,))] * 2)
+    processor(prompt, scores.clone())
+    generated = torch.tensor([[width - 1, *harry], [*harry, width - 1]])  # an id beyond the vocabulary adds no text
+    out = processor(torch.cat([prompt, generated], dim=1), scores)
+    assert torch.equal(out[:, len(tokenizer):], original[:, len(tokenizer):])
+    potter = tokenizer.encode(" Potter", add_special_tokens=False)[0]
+    assert out[0, potter] == float("-inf") and out[1, potter] == float("-inf")
+
+
 def test_strength_scales_the_soft_penalty(penalties: TokenPenalties, tokenizer) -> None:
     logits = torch.zeros(len(tokenizer))
     weak, strong = logits.clone(), logits.clone()

@@ -7,13 +7,14 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from serving.chat_completion.protocol import ChatCompletionRequest
+from serving.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
 from serving.chat_completion.serving import ChatServing
+from serving.streaming import completion_responses
 
 router = APIRouter()
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=None, responses=completion_responses(ChatCompletionResponse))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
     context = request.app.state.context
     started = time.perf_counter()

@@ -5,7 +5,8 @@ upstream model's tokenizer (``--upstream-tokenizer``); without it no bias can be
 check alone stands between the model and the client (logged at start-up). Streams pass through the same
 sliding-window output check as local engines. Upstream errors keep their status when they are the client's
 fault (400, 413, 422, 429 — e.g. the upstream's own policy refusal) and become 502 ``upstream_error`` otherwise
-(including 401/403/404: a wrong upstream key or model name is the server's misconfiguration).
+(including 401/403/404: a wrong upstream key or model name is the server's misconfiguration); an upstream
+that does not answer within ``--upstream-timeout`` seconds is 504 ``upstream_timeout``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from serving.config import ServerSettings
 from serving.engines.base import ChoiceDelta, EngineRequest
 from serving.engines.guarded import (RawChoice, RawResult, client_bias_within_guard, guarded_generate,
                                      merged_logit_bias, penalty_row, protected_tokens)
-from serving.errors import OpenAIError, upstream_error
+from serving.errors import OpenAIError, upstream_error, upstream_timeout
 
 logger = logging.getLogger("serving")
 
@@ -46,6 +47,7 @@ class UpstreamEngine:
         self.upstream_model = settings.model
         self.model_id = settings.model_id
         self.description = f"upstream {self.base_url} (model '{self.upstream_model}')"
+        self.timeout_s = settings.upstream_timeout_s
         headers = {"authorization": f"Bearer {settings.upstream_api_key}"} if settings.upstream_api_key else {}
         self.client = httpx.AsyncClient(base_url=self.base_url, headers=headers,
                                         timeout=httpx.Timeout(settings.upstream_timeout_s, connect=10.0))
@@ -140,6 +142,8 @@ class UpstreamEngine:
         path, body = self.upstream_body(guard, request, penalty, n, seed, stream=False)
         try:
             response = await self.client.post(path, json=body)
+        except httpx.TimeoutException as err:
+            raise upstream_timeout(self.timeout_s) from err
         except httpx.HTTPError as err:
             raise upstream_error(f"{type(err).__name__}: {err}") from err
         await self._raise_for_status(response)
@@ -171,6 +175,8 @@ class UpstreamEngine:
                                 request.settings.seed, stream=True)
         try:
             response = await self.client.send(self.client.build_request("POST", path, json=body), stream=True)
+        except httpx.TimeoutException as err:
+            raise upstream_timeout(self.timeout_s) from err
         except httpx.HTTPError as err:
             raise upstream_error(f"{type(err).__name__}: {err}") from err
         try:
@@ -178,14 +184,17 @@ class UpstreamEngine:
         except OpenAIError:
             await response.aclose()
             raise
-        return UpstreamStream(decision, response, chat=request.messages is not None, choices=request.settings.n)
+        return UpstreamStream(decision, response, chat=request.messages is not None, choices=request.settings.n,
+                              timeout_s=self.timeout_s)
 
 
 class UpstreamStream:
     """An upstream SSE stream read as :class:`ChoiceDelta` items."""
 
-    def __init__(self, decision: PromptDecision, response: httpx.Response, chat: bool, choices: int):
+    def __init__(self, decision: PromptDecision, response: httpx.Response, chat: bool, choices: int,
+                 timeout_s: float):
         self.decision = decision
+        self._timeout_s = timeout_s
         self._response = response
         self._chat = chat
         self._cancelled: set[int] = set()
@@ -237,6 +246,8 @@ class UpstreamStream:
         except httpx.StreamClosed:
             if not self._closed:
                 raise upstream_error("the upstream closed the stream early") from None
+        except httpx.TimeoutException as err:
+            raise upstream_timeout(self._timeout_s) from err
         except httpx.HTTPError as err:
             raise upstream_error(f"stream broke: {type(err).__name__}: {err}") from err
         except (ValueError, KeyError, TypeError) as err:
