@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -44,6 +43,8 @@ import psutil  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+
+from conftest import chat_requests  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "load_test.json"
 POLICY = ROOT / "policies" / "default.yaml"
@@ -130,11 +131,6 @@ async def _send(client: httpx.AsyncClient, marker: str, kind: str, prompt: str, 
     return Outcome(marker, kind, prompt, 200, latency, complete, ids.pop() if len(ids) == 1 else None, text, headers)
 
 
-def _requests_counted(base_url: str) -> float:
-    metrics = httpx.get(f"{base_url}/metrics").text
-    return sum(float(v) for v in re.findall(r'^guard_requests_total\{endpoint="chat",[^}]*\} (\S+)$', metrics, re.M))
-
-
 def reference_answers(base_url: str, api_key: str, max_tokens: int) -> dict[str, str]:
     """Each answered prompt's reply when it is the only request in flight (also warms the server up)."""
     answers = {}
@@ -150,7 +146,7 @@ def run_load(base_url: str, api_key: str, requests: int, concurrency: int, max_t
              show_progress: bool = True) -> LoadReport:
     """Send ``requests`` chat requests, at most ``concurrency`` at a time, and check what came back."""
     reference = reference_answers(base_url, api_key, max_tokens)
-    counted_before = _requests_counted(base_url)
+    counted_before = chat_requests(base_url)
     specs = plan(requests)
 
     async def all_requests() -> list[Outcome]:
@@ -182,7 +178,7 @@ def run_load(base_url: str, api_key: str, requests: int, concurrency: int, max_t
     mixed_up = [o.marker for o in outcomes if o.kind != "refused" and o.text != reference[o.prompt]]
     missing = [o.marker for o in outcomes if not o.guard_headers]
     return LoadReport(requests, concurrency, wall, outcomes, lost, duplicated, mixed_up, missing,
-                      _requests_counted(base_url) - counted_before)
+                      chat_requests(base_url) - counted_before)
 
 
 def main() -> None:

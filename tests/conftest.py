@@ -7,6 +7,7 @@ shared by every in-process engine, so a second embedded server costs only its gu
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -49,6 +50,16 @@ class RunningServer:
     def stop(self) -> None:
         self.server.should_exit = True  # type: ignore[attr-defined]
         self.thread.join(timeout=60)
+
+
+def chat_requests(base_url: str, outcome: str | None = None) -> float:
+    """How many chat requests the server at ``base_url`` has counted (with ``outcome``, or any), from /metrics."""
+    import httpx
+
+    label = re.escape(outcome) if outcome is not None else "[^\"]*"
+    metrics = httpx.get(f"{base_url}/metrics").text
+    return sum(float(v) for v in re.findall(rf'^guard_requests_total\{{endpoint="chat",outcome="{label}"\}} (\S+)$',
+                                            metrics, re.M))
 
 
 def start_server(settings: "object") -> RunningServer:

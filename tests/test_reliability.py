@@ -28,7 +28,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from conftest import API_KEY, ROOT, RunningServer, serve_app, start_server
+from conftest import API_KEY, ROOT, RunningServer, chat_requests, serve_app, start_server
 from serving.config import ServerSettings
 
 MODEL = "embedded:smollm2"
@@ -93,12 +93,6 @@ def ask(server: RunningServer, model: str = UPSTREAM_MODEL, **options: object) -
     reply = server.client().chat.completions.create(
         model=model, messages=[{"role": "user", "content": "What is the capital of France?"}], **options)
     return reply.choices[0].message.content or ""
-
-
-def outcomes(server: RunningServer, outcome: str) -> float:
-    metrics = httpx.get(f"{server.base_url}/metrics").text
-    return sum(float(v) for v in re.findall(rf'^guard_requests_total\{{endpoint="chat",outcome="{outcome}"\}} (\S+)$',
-                                            metrics, re.M))
 
 
 @pytest.mark.parametrize(("mode", "status", "code"), [("hang", 504, "upstream_timeout"),
@@ -187,7 +181,7 @@ def test_a_detector_model_that_disappears_never_weakens_the_guard(
 
 
 def test_a_client_that_disconnects_mid_stream_stops_its_decode(embedded_server: RunningServer) -> None:
-    before = outcomes(embedded_server, "disconnected")
+    before = chat_requests(embedded_server.base_url, "disconnected")
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
             "max_tokens": 400, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{embedded_server.api_url}/chat/completions", json=body, timeout=120,
@@ -196,7 +190,7 @@ def test_a_client_that_disconnects_mid_stream_stops_its_decode(embedded_server: 
             if '"content":"' in line and '"content":""' not in line:
                 break  # the first text arrived: hang up while the model is still writing
     started = time.monotonic()
-    while outcomes(embedded_server, "disconnected") == before:
+    while chat_requests(embedded_server.base_url, "disconnected") == before:
         assert time.monotonic() - started < 60, "the server did not notice the disconnect"
         time.sleep(0.1)
     assert "Paris" in ask(embedded_server, model=MODEL, max_tokens=8, temperature=0)

@@ -39,6 +39,13 @@ def _finish_reason(value: Any) -> str:
     return value if value in _FINISH_REASONS else "stop"
 
 
+def upstream_failure(err: httpx.HTTPError, timeout_s: float, context: str = "") -> OpenAIError:
+    """504 when the upstream did not answer in time (it may still be working), 502 for any other failure."""
+    if isinstance(err, httpx.TimeoutException):
+        return upstream_timeout(timeout_s)
+    return upstream_error(f"{context}{type(err).__name__}: {err}")
+
+
 class UpstreamEngine:
     def __init__(self, settings: ServerSettings):
         if not settings.upstream_url:
@@ -142,10 +149,8 @@ class UpstreamEngine:
         path, body = self.upstream_body(guard, request, penalty, n, seed, stream=False)
         try:
             response = await self.client.post(path, json=body)
-        except httpx.TimeoutException as err:
-            raise upstream_timeout(self.timeout_s) from err
         except httpx.HTTPError as err:
-            raise upstream_error(f"{type(err).__name__}: {err}") from err
+            raise upstream_failure(err, self.timeout_s) from err
         await self._raise_for_status(response)
         try:
             data = response.json()
@@ -175,10 +180,8 @@ class UpstreamEngine:
                                 request.settings.seed, stream=True)
         try:
             response = await self.client.send(self.client.build_request("POST", path, json=body), stream=True)
-        except httpx.TimeoutException as err:
-            raise upstream_timeout(self.timeout_s) from err
         except httpx.HTTPError as err:
-            raise upstream_error(f"{type(err).__name__}: {err}") from err
+            raise upstream_failure(err, self.timeout_s) from err
         try:
             await self._raise_for_status(response)
         except OpenAIError:
@@ -246,10 +249,8 @@ class UpstreamStream:
         except httpx.StreamClosed:
             if not self._closed:
                 raise upstream_error("the upstream closed the stream early") from None
-        except httpx.TimeoutException as err:
-            raise upstream_timeout(self._timeout_s) from err
         except httpx.HTTPError as err:
-            raise upstream_error(f"stream broke: {type(err).__name__}: {err}") from err
+            raise upstream_failure(err, self._timeout_s, "stream broke: ") from err
         except (ValueError, KeyError, TypeError) as err:
             raise upstream_error(f"unexpected stream chunk ({type(err).__name__}: {err})") from err
 
