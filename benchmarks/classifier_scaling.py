@@ -29,7 +29,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from detectors import PolicyClassifier  # noqa: E402
+from detectors.classifier import PolicyClassifier  # noqa: E402
 from guard.policy import Concept, Policy, load_policy  # noqa: E402
 
 console = Console()

@@ -42,10 +42,10 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from guard.adavd import AdaVD, ValueErasure, last_subject_embedding  # noqa: E402
-from guard.diffusers import guard_pipeline  # noqa: E402
+from guard.methods.adavd import AdaVD, ValueErasure, last_subject_embedding  # noqa: E402
+from guard.images.pipeline import guard_pipeline  # noqa: E402
 from guard.policy import Policy, load_policy  # noqa: E402
-from guard.semantic_surgery import ErasureTarget, SemanticSurgery  # noqa: E402
+from guard.methods.semantic_surgery import ErasureTarget, SemanticSurgery  # noqa: E402
 from tiny_pipeline import sd15_sized_pipeline, tiny_sd_pipeline  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "diffusion_overhead.json"

@@ -43,7 +43,7 @@ from rich.table import Table  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from detectors.harmful import SAFE_PROMPTS, HarmfulHead, HarmfulRequestClassifier, read_prompts  # noqa: E402
-from guard.certify import CachedEncoder, Certificate, EraseAndCheck, TokenizedPrompt, backend_tokenizer  # noqa: E402
+from guard.certification import (CachedEncoder, Certificate, EraseAndCheck, TokenizedPrompt, backend_tokenizer)  # noqa: E402
 from guard.models import load_sentence_encoder  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "erase_and_check.json"

@@ -35,11 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from detectors.alias import AliasDetector, canonical_forms  # noqa: E402
-from guard.core import ConceptRefused, Guard  # noqa: E402
-from guard.generation import ChatRequest, GenerationResult, SamplingSettings, generate_chat_batch  # noqa: E402
+from guard.errors import ConceptRefused  # noqa: E402
+from guard.decision import Guard  # noqa: E402
+from guard.text.generation import ChatRequest, GenerationResult, SamplingSettings, generate_chat_batch  # noqa: E402
 from guard.models import load_language_model  # noqa: E402
 from guard.policy import ActionType, ConceptKind, load_policy  # noqa: E402
-from guard.token_penalty import PenaltyRow  # noqa: E402
+from guard.methods.token_penalty.tables import PenaltyRow  # noqa: E402
 
 NEAR_MISS_SIMILARITY = 0.75
 

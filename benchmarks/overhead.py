@@ -9,7 +9,7 @@
 
 Sections (``--sections``; the default is every CPU section, plus ``gpu`` with ``--device cuda``):
 
-* ``decode``: the same chat requests through ``guard.generation.generate_chat`` with ``guard=None`` (bare engine)
+* ``decode``: the same chat requests through ``guard.text.generation.generate_chat`` with ``guard=None`` (bare engine)
   and with a Guard on the default policy, embedded SmolLM2, greedy, interleaved request by request (the order
   alternates) so machine noise hits both alike. Requests the policy steers (Harry Potter probes: token penalties,
   output check, regenerations) give the tokens/s ratio, end to end and for decoding alone with every row penalised
@@ -58,12 +58,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LogitsProcessorList 
 
 from classifier_scaling import measure  # noqa: E402
 from detectors.harmful import HarmfulHead  # noqa: E402
-from guard.certify import EraseAndCheck, backend_tokenizer, build_filter  # noqa: E402
-from guard.core import ConceptRefused, Guard, OutputDecision, PromptDecision  # noqa: E402
-from guard.generation import ChatRequest, GenerationResult, SamplingSettings, generate_chat  # noqa: E402
+from guard.certification import EraseAndCheck, backend_tokenizer, build_filter  # noqa: E402
+from guard.errors import ConceptRefused  # noqa: E402
+from guard.decision import Guard, OutputDecision, PromptDecision  # noqa: E402
+from guard.text.generation import ChatRequest, GenerationResult, SamplingSettings, generate_chat  # noqa: E402
 from guard.models import load_language_model  # noqa: E402
 from guard.policy import ActionType, CertifySettings, Policy, load_policy  # noqa: E402
-from guard.token_penalty import PenaltyRow  # noqa: E402
+from guard.methods.token_penalty.tables import PenaltyRow  # noqa: E402
 from llm_erasure import decode_overhead  # noqa: E402
 from serving.guard_state import refusal_policy  # noqa: E402
 

@@ -5,7 +5,7 @@
 
 One run measures, interleaved prompt by prompt so machine noise hits every variant alike:
 
-* ``plain``: ``guard.generation.generate_chat(None, ...)`` — the model alone, no guard, no HTTP.
+* ``plain``: ``guard.text.generation.generate_chat(None, ...)`` — the model alone, no guard, no HTTP.
 * ``http``: the same request through ``guard serve`` (policies/default.yaml) with the official openai client:
   prompt check, token penalties, output check, JSON and HTTP on top.
 * ``stream``: the same request streamed; time to first content and to the end, against the plain decode's
@@ -42,7 +42,7 @@ from rich.table import Table  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from conftest import start_server  # noqa: E402
-from guard.generation import ChatRequest, SamplingSettings, generate_chat, stream_chat  # noqa: E402
+from guard.text.generation import ChatRequest, SamplingSettings, generate_chat, stream_chat  # noqa: E402
 from guard.models import load_language_model  # noqa: E402
 from serving.config import ServerSettings  # noqa: E402
 

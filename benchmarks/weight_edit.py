@@ -37,7 +37,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from guard.policy import load_policy  # noqa: E402
-from guard.weight_edit import apply_edit, plan_from_policy  # noqa: E402
+from guard.methods.uce import apply_edit, plan_from_policy  # noqa: E402
 from tiny_pipeline import sd15_sized_pipeline, tiny_sd_pipeline  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "weight_edit.json"

@@ -1,6 +1,6 @@
 """Harmful-request classifier: a logistic-regression head on MiniLM sentence embeddings.
 
-It is the shipped filter for erase-and-check (:mod:`guard.certify`), standing in for the paper's DistilBERT
+It is the shipped filter for erase-and-check (:mod:`guard.certification`), standing in for the paper's DistilBERT
 classifier: it runs in milliseconds on a CPU, and the embedding pass it needs is shared with the policy's
 semantic detector. The head (``guard/data/harmful_head.npz``, a few KB) is trained by
 ``benchmarks/train_harmful_head.py`` on the erase-and-check training prompts (Kumar et al., MIT license,
@@ -19,8 +19,8 @@ from typing import Protocol
 
 import numpy as np
 
-from detectors import DetectorError
-from guard.models import ModelError, load_sentence_encoder
+from guard.errors import DetectorError, ModelError
+from guard.models import load_sentence_encoder
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "guard" / "data"
 HEAD_FILE = DATA_DIR / "harmful_head.npz"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Sequence
 
-from guard.models import ModelError
+from guard.errors import ModelError
 
 if TYPE_CHECKING:
     from PIL.Image import Image

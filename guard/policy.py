@@ -18,17 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class PolicyError(Exception):
-    """A policy file cannot be used; ``str(err)`` is the one-line message shown to users."""
-
-    def __init__(self, file: str | Path, message: str, line: int | None = None, field: str | None = None):
-        self.file = str(file)
-        self.line = line
-        self.field = field
-        self.message = message
-        where = self.file if line is None else f"{self.file}:{line}"
-        super().__init__(f"{where} {field}: {message}" if field else f"{where}: {message}")
+from guard.errors import PolicyError
 
 
 def _between_0_and_1(value: float) -> float:

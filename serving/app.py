@@ -18,11 +18,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from serving.auth import ApiKeyMiddleware, BodySizeLimitMiddleware
 from serving.chat_completion.api_router import router as chat_router
 from serving.completion.api_router import router as completion_router
-from serving.images.api_router import router as images_router
 from serving.config import ServerSettings
 from serving.engines.base import Engine
 from serving.errors import ERROR_RESPONSES, OpenAIError, install_handlers
 from serving.guard_state import GuardState, cancel
+from serving.images.api_router import router as images_router
 from serving.metrics import ServerMetrics
 from serving.protocol import ModelCard, ModelList
 from serving.serving_base import ServerContext

@@ -16,14 +16,15 @@ from typing import TYPE_CHECKING, Sequence
 
 from anyio import to_thread
 
-from guard.certify import Certificate, EraseAndCheck
-from guard.core import ConceptRefused, Guard, OutputDecision, PromptDecision
+from guard.certification import Certificate, EraseAndCheck
+from guard.decision import Guard, OutputDecision, PromptDecision
+from guard.errors import ConceptRefused
 from guard.policy import ActionType, Policy, load_policy
 from serving.engines.base import Engine
 from serving.metrics import ServerMetrics
 
 if TYPE_CHECKING:
-    from guard.diffusers import ImageGuard
+    from guard.images.pipeline import ImageGuard
 
 logger = logging.getLogger("serving")
 
@@ -90,7 +91,7 @@ class GuardState:
         self._guard = MeteredGuard(load_policy(policy_path), metrics)
         self.images: ImageGuard | None = None
         if image_model is not None:
-            from guard.diffusers import ImageGuard
+            from guard.images.pipeline import ImageGuard
 
             self.images = ImageGuard(image_model, self._guard.policy, nsfw_threshold=image_nsfw_threshold)
 

@@ -9,14 +9,20 @@ from typing import Sequence
 
 from anyio import to_thread
 
-from guard.certify import Certificate
-from guard.core import ConceptRefused, Guard, GuardUnavailable
-from guard.generation import GenerationResult, SamplingSettings
-from guard.token_penalty import TokenPenaltyError
+from guard.certification import Certificate
+from guard.decision import Guard
+from guard.errors import ConceptRefused, GuardUnavailable, TokenPenaltyError
+from guard.text.generation import GenerationResult, SamplingSettings
 from serving.config import ServerSettings
 from serving.engines.base import Engine, EngineRequest, EngineStream
-from serving.errors import (OpenAIError, guard_unavailable, invalid_request, model_not_found, policy_violation,
-                            unsupported_parameter)
+from serving.errors import (
+    OpenAIError,
+    guard_unavailable,
+    invalid_request,
+    model_not_found,
+    policy_violation,
+    unsupported_parameter,
+)
 from serving.guard_state import GuardState, MeteredGuard
 from serving.metrics import ServerMetrics
 from serving.protocol import SamplingRequest

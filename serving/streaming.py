@@ -22,9 +22,10 @@ from typing import AsyncIterator, Callable, Protocol
 
 from anyio import to_thread
 
-from guard.core import Guard, GuardUnavailable, OutputAction, OutputDecision, PromptDecision
-from guard.generation import FinishReason
+from guard.decision import Guard, OutputAction, OutputDecision, PromptDecision
+from guard.errors import GuardUnavailable
 from guard.policy import Policy
+from guard.text.generation import FinishReason
 from serving.engines.base import EngineStream
 from serving.errors import OpenAIError, guard_unavailable
 from serving.metrics import ServerMetrics

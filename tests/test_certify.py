@@ -14,19 +14,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from detectors import PolicyClassifier
+from detectors.classifier import PolicyClassifier
 from detectors.harmful import HARMFUL_PROMPTS, SAFE_PROMPTS, HarmfulHead, HarmfulRequestClassifier, read_prompts
-from guard.certify import (
-    MAX_SUBSEQUENCES,
-    CachedEncoder,
-    CertifyError,
-    EitherFilter,
-    EraseAndCheck,
-    PolicyFilter,
-    TokenizedPrompt,
-    backend_tokenizer,
-    erased_versions,
-)
+from guard.certification import (CachedEncoder, EitherFilter, EraseAndCheck, MAX_SUBSEQUENCES, PolicyFilter,
+                                 TokenizedPrompt, backend_tokenizer, erased_versions)
+from guard.errors import CertifyError
 from guard.cli import app
 from guard.models import load_sentence_encoder
 from guard.policy import load_policy

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from detectors import AliasDetector, PolicyClassifier, canonical_forms
+from detectors.alias import AliasDetector, canonical_forms
+from detectors.classifier import PolicyClassifier
 from guard.policy import load_policy
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Guarded text-to-image pipelines (guard.diffusers, guard.semantic_surgery, guard.adavd) on tiny pipelines.
+"""Guarded text-to-image pipelines (guard.images.pipeline, guard.methods.semantic_surgery, guard.methods.adavd) on tiny pipelines.
 
 The pipelines come from tests/tiny_pipeline.py (random UNet/VAE, bag-of-words CLIP text encoders); the policy
 thresholds in tests/policies/diffusion_guard.yaml are calibrated on them, and the first test asserts that.
@@ -18,12 +18,13 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
 from detectors.image_nsfw import ImageNsfwDetector
-from guard.adavd import AdaVDError, AdaVDProcessor, LayerTargets, ValueErasure, erase_value_components
-from guard.core import ConceptRefused
-from guard.diffusers import ImageGuard, ImageRefused, guard_pipeline, parse_size
-from guard.models import ModelError
+from guard.errors import AdaVDError
+from guard.methods.adavd import AdaVDProcessor, LayerTargets, ValueErasure, erase_value_components
+from guard.errors import ConceptRefused
+from guard.images.pipeline import ImageGuard, ImageRefused, guard_pipeline, parse_size
+from guard.errors import ModelError
 from guard.policy import AdaVDSettings, load_policy
-from guard.semantic_surgery import ErasureTarget
+from guard.methods.semantic_surgery import ErasureTarget
 from tiny_pipeline import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 POLICIES = Path(__file__).parent / "policies"
@@ -79,7 +80,7 @@ def install_recorders(unet) -> dict[str, ValueRecorder]:
 
 
 def target_value(pipe, attn, text: str) -> torch.Tensor:
-    """W_v of the text's last subject token, computed here independently of guard.adavd."""
+    """W_v of the text's last subject token, computed here independently of guard.methods.adavd."""
     ids = pipe.tokenizer(text).input_ids
     with torch.no_grad():
         sequence = pipe.encode_prompt(text, device=torch.device("cpu"), num_images_per_prompt=1,

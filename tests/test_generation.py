@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from detectors.alias import AliasDetector
-from guard.core import ConceptRefused, Guard
-from guard.generation import (ChatRequest, CompletionRequest, SamplingSettings, generate_chat, generate_chat_batch,
-                              stream_chat)
+from guard.errors import ConceptRefused
+from guard.decision import Guard
+from guard.text.generation import (ChatRequest, CompletionRequest, SamplingSettings, generate_chat,
+                                   generate_chat_batch, stream_chat)
 from guard.models import load_language_model
 
 ROOT = Path(__file__).resolve().parents[1]

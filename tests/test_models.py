@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from guard.models import ModelError, load_language_model, load_sentence_encoder, resolve
+from guard.errors import ModelError
+from guard.models import load_language_model, load_sentence_encoder, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +54,7 @@ def test_cli_reports_a_missing_embedding_model_without_traceback(tmp_path: Path)
     policy = tmp_path / "p.yaml"
     policy.write_text(f"models: {{embedding: {tmp_path / 'gone'}}}\nconcepts:\n"
                       "  - {id: x, kind: other, description: X., aliases: [xylophone]}\n")
-    result = subprocess.run([sys.executable, "-m", "guard.cli", "policy", "explain", str(policy), "hello"],
+    result = subprocess.run([sys.executable, "-m", "guard", "policy", "explain", str(policy), "hello"],
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "does not exist" in result.stderr

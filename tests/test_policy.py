@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from guard.policy import ActionType, PolicyError, load_policy, policy_json_schema
+from guard.policy import ActionType, load_policy, policy_json_schema
+from guard.errors import PolicyError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "policies" / "default.yaml"
@@ -160,7 +161,7 @@ def test_composition_errors_point_at_the_right_file(tmp_path: Path) -> None:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "guard.cli", *args], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "guard", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=120)
 
 

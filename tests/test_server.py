@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from conftest import API_KEY, POLICIES, ROOT, TOWER_ANSWER, TOWER_PROMPT, RunningServer, start_server
-from guard.generation import SamplingSettings
+from guard.text.generation import SamplingSettings
 from guard.policy import load_policy
 from serving.config import ServerSettings
 from serving.engines.base import EngineRequest

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from guard.core import Guard
+from guard.decision import Guard
 from guard.models import cache_dir, load_language_model
 from guard.policy import load_policy
-from guard.token_penalty import (MIN_PARTIAL_BLOCK, OPENAI_BIAS_LIMIT, OPENAI_MAX_BIAS_ENTRIES, PenaltyRow,
-                                 TokenPenalties, TokenPenaltyError)
+from guard.methods.token_penalty.tables import (MIN_PARTIAL_BLOCK, OPENAI_BIAS_LIMIT, OPENAI_MAX_BIAS_ENTRIES,
+                                                PenaltyRow, TokenPenalties)
+from guard.errors import TokenPenaltyError
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = ROOT / "policies" / "default.yaml"

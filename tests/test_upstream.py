@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from conftest import (API_KEY, POLICIES, ROOT, TOWER_ANSWER, TOWER_PROMPT, RunningServer, chat_requests,
                       start_server)
-from guard.generation import SamplingSettings
+from guard.text.generation import SamplingSettings
 from guard.policy import load_policy
 from serving.config import ServerSettings
 from serving.engines.base import EngineRequest

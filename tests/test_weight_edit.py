@@ -30,7 +30,8 @@ from typer.testing import CliRunner
 
 from guard.cli import app
 from guard.policy import load_policy
-from guard.weight_edit import EditPlan, WeightEditError, apply_edit, plan_from_policy, uce_transform
+from guard.methods.uce import EditPlan, apply_edit, plan_from_policy, uce_transform
+from guard.errors import WeightEditError
 from tiny_pipeline import WORDS, tiny_sd_pipeline
 
 REPO = Path(__file__).resolve().parents[1]

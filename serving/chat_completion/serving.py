@@ -7,9 +7,16 @@ import uuid
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from guard.generation import FinishReason
-from serving.chat_completion.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
-                                              ChatCompletionRequest, ChatCompletionResponse, DeltaMessage)
+from guard.text.generation import FinishReason
+from serving.chat_completion.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    DeltaMessage,
+)
 from serving.engines.base import EngineRequest
 from serving.protocol import Usage
 from serving.serving_base import GuardedServing, guard_headers

@@ -7,7 +7,7 @@ import uuid
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from guard.generation import FinishReason
+from guard.text.generation import FinishReason
 from serving.completion.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from serving.engines.base import EngineRequest
 from serving.errors import invalid_request, unsupported_parameter

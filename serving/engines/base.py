@@ -1,6 +1,6 @@
 """The one protocol every engine (in-process transformers, an upstream HTTP server, in-process vLLM) implements.
 
-Engines receive the live :class:`~guard.core.Guard` with each call, so a policy reload takes effect on the next
+Engines receive the live :class:`~guard.decision.Guard` with each call, so a policy reload takes effect on the next
 request without restarting an engine. ``generate`` returns fully guarded choices (prompt checked, penalties
 applied, output checked, regenerated or blocked); ``open_stream`` checks the prompt before it returns (so a
 refusal is still a plain HTTP 400) and then yields raw text deltas — the output check of a stream is the HTTP
@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
-from guard.core import Guard, PromptDecision
-from guard.generation import FinishReason, GenerationResult, SamplingSettings
+from guard.decision import Guard, PromptDecision
+from guard.text.generation import FinishReason, GenerationResult, SamplingSettings
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The guard loop for engines that only decode (an upstream server, vLLM): check, decode, check, retry or block.
 
-The in-process transformers engine gets the same loop from :mod:`guard.generation`; this module gives the
+The in-process transformers engine gets the same loop from :mod:`guard.text.generation`; this module gives the
 other engines identical semantics: the prompt check raises before anything is decoded, each choice's output
 is checked, a leak is regenerated with the wider penalty set and stronger penalties the guard asks for, and
 what still leaks comes back as ``finish_reason: "content_filter"`` carrying the policy's message.
@@ -14,9 +14,9 @@ from typing import Mapping, Protocol
 
 from anyio import to_thread
 
-from guard.core import Guard, OutputAction
-from guard.generation import Choice, FinishReason, GenerationResult
-from guard.token_penalty import PenaltyRow, TokenPenalties
+from guard.decision import Guard, OutputAction
+from guard.methods.token_penalty.tables import PenaltyRow, TokenPenalties
+from guard.text.generation import Choice, FinishReason, GenerationResult
 from serving.engines.base import EngineRequest
 
 

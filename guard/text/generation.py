@@ -8,8 +8,8 @@ Public API:
 
 * :class:`ChatRequest` (messages, chat template applied) or :class:`CompletionRequest` (raw prompt text),
   each with :class:`SamplingSettings` — what a client asked for.
-* :func:`generate_chat` — one request; raises :class:`~guard.core.ConceptRefused` /
-  :class:`~guard.core.GuardUnavailable`.
+* :func:`generate_chat` — one request; raises :class:`~guard.errors.ConceptRefused` /
+  :class:`~guard.errors.GuardUnavailable`.
 * :func:`generate_chat_batch` — many requests in one decode; a refused request comes back as its
   :class:`ConceptRefused` instance in the result list instead of failing the others.
 * :func:`stream_chat` — one request (``n == 1``) as text deltas; the prompt check runs before it
@@ -33,8 +33,9 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from guard.core import ConceptRefused, Guard, OutputAction, OutputDecision, PromptDecision
-from guard.token_penalty import PenaltyRow
+from guard.decision import Guard, OutputAction, OutputDecision, PromptDecision
+from guard.errors import ConceptRefused
+from guard.methods.token_penalty.tables import PenaltyRow
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -307,7 +308,7 @@ def generate_chat_batch(guard: Guard | None, model: "PreTrainedModel", tokenizer
                         requests: Sequence[Request]) -> list[GenerationResult | ConceptRefused]:
     """Answer several chat or completion requests in one decode; refused ones come back as their ConceptRefused.
 
-    :class:`~guard.core.GuardUnavailable` (a detector failure) is raised for the whole batch: no request
+    :class:`~guard.errors.GuardUnavailable` (a detector failure) is raised for the whole batch: no request
     may be answered by a guard that cannot check it.
     """
     outcomes: list[GenerationResult | ConceptRefused | None] = [None] * len(requests)

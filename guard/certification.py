@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 import numpy as np
 from pydantic import ValidationError
 
+from guard.errors import CertifyError
 from guard.models import load_sentence_encoder
 from guard.policy import CertifySettings, Policy
 
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
     from tokenizers import Tokenizer
 
-    from detectors import Classification
+    from detectors.base import Classification
 
 Mode = Literal["suffix", "insertion", "infusion"]
 Variant = Literal["exact", "randomized", "greedy"]
@@ -52,10 +53,6 @@ FILTERS: tuple[FilterName, ...] = ("policy", "harmful_classifier", "both")
 # Infusion grows like C(n, d) and insertion like (n·d)^k: past this many erased versions a request would stall
 # the server, so certification refuses (fail closed) instead of silently checking fewer.
 MAX_SUBSEQUENCES = 100_000
-
-
-class CertifyError(Exception):
-    """Certification cannot run with these settings or this filter; ``str(err)`` is a one-line message."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,7 +143,7 @@ class PolicyFilter:
     name = "policy"
 
     def __init__(self, policy: Policy, encoder: CachedEncoder):
-        from detectors import PolicyClassifier
+        from detectors.classifier import PolicyClassifier
 
         self.encoder = encoder
         self.classifier = PolicyClassifier(policy)

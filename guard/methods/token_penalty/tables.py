@@ -36,6 +36,7 @@ import torch
 from transformers import LogitsProcessor
 
 from detectors.alias import MIN_SQUASHED_LENGTH
+from guard.errors import TokenPenaltyError
 from guard.models import cache_dir
 from guard.policy import Concept, Policy
 
@@ -55,10 +56,6 @@ MIN_PARTIAL_BLOCK = 6
 # "old", "itch") occur inside too many ordinary words for a static -100 bias.
 COMMON_TOKEN_RANK = 10_000
 _APOSTROPHES = ("'", "\u2019")
-
-
-class TokenPenaltyError(RuntimeError):
-    """The penalty tables cannot be built for this tokenizer; the guard must not decode unprotected."""
 
 
 @dataclass(frozen=True)

@@ -13,26 +13,15 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from detectors import Classification, DetectorError, PolicyClassifier
+from detectors.base import Classification
+from detectors.classifier import PolicyClassifier
+from guard.errors import ConceptRefused, DetectorError, GuardUnavailable
 from guard.policy import ActionType, Policy, load_policy
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from guard.token_penalty import TokenPenalties
-
-
-class ConceptRefused(Exception):
-    """The policy says no: answered as HTTP 400 ``content_policy_violation``, never retried."""
-
-    def __init__(self, concept_ids: Sequence[str], message: str):
-        self.concept_ids = list(concept_ids)
-        self.message = message
-        super().__init__(message)
-
-
-class GuardUnavailable(Exception):
-    """The guard itself could not run (detector, model or policy failure): refuse, never pass through."""
+    from guard.methods.token_penalty.tables import TokenPenalties
 
 
 @dataclass(frozen=True)
@@ -137,7 +126,7 @@ class Guard:
 
     def token_penalties(self, tokenizer: "PreTrainedTokenizerBase") -> "TokenPenalties":
         """Per-tokenizer penalty tables, compiled once (tries and vocabulary masks are costly to build)."""
-        from guard.token_penalty import TokenPenalties
+        from guard.methods.token_penalty.tables import TokenPenalties
 
         key = id(tokenizer)
         with self._penalties_lock:

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from guard.errors import WeightEditError
 from guard.policy import Concept, ConceptKind, Policy
 
 if TYPE_CHECKING:
@@ -51,10 +52,6 @@ DIFFUSION_KINDS = (ConceptKind.style, ConceptKind.object, ConceptKind.nsfw, Conc
 ROUND_CRITERION = "lowest worst-case revivability over the edited concepts; round 0 is UCE alone"
 _ENCODE_BATCH = 64
 _SINGULAR = 1e-12  # smallest eigenvalue of the UCE normal matrix, relative to the largest, still counted as solvable
-
-
-class WeightEditError(Exception):
-    """The edit cannot be planned or applied; ``str(err)`` is the one-line message for users."""
 
 
 @dataclass(frozen=True)

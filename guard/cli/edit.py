@@ -19,14 +19,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.markdown import Markdown
 
-from guard.cli import app, console, fail
-from guard.models import ModelError, resolve
-from guard.policy import Policy, PolicyError, load_policy
+from guard.cli.output import console, fail
+from guard.errors import ModelError, PolicyError
+from guard.models import resolve
+from guard.policy import Policy, load_policy
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
-    from guard.weight_edit import EditPlan, EditResult
+    from guard.methods.uce import EditPlan, EditResult
 
 MANIFEST_NAME = "erasure_manifest.json"
 REPORT_NAME = "erasure_report.md"
@@ -103,7 +104,7 @@ def load_pipeline(folder: Path) -> "StableDiffusionPipeline":
 
 def build_manifest(policy: Policy, policy_file: Path, plan: "EditPlan", result: "EditResult", source: Path,
                    pipeline_class: str, source_hash: str, source_files: list[str]) -> dict[str, Any]:
-    from guard.weight_edit import ROUND_CRITERION
+    from guard.methods.uce import ROUND_CRITERION
 
     return {
         "format": "erasure-guard/weight-edit@1",
@@ -185,7 +186,6 @@ def write_edited_model(pipe: "StableDiffusionPipeline", target: Path, manifest: 
     return report
 
 
-@app.command("edit")
 def edit(
     policy_file: Annotated[Path, typer.Option("--policy", "-p", help="Policy YAML file.", show_default=False)],
     model: Annotated[str, typer.Option("--model", "-m", help="Diffusers Stable Diffusion pipeline folder.",
@@ -197,7 +197,8 @@ def edit(
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")] = False,
 ) -> None:
     """Erase policy concepts from a Stable Diffusion pipeline's weights (UCE + RECE) and save the edited pipeline."""
-    from guard.weight_edit import WeightEditError, apply_edit, plan_from_policy
+    from guard.errors import WeightEditError
+    from guard.methods.uce import apply_edit, plan_from_policy
 
     try:
         policy = load_policy(policy_file)

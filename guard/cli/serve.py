@@ -13,15 +13,11 @@ from typing import Annotated, Literal
 import typer
 import yaml
 
-from detectors import DetectorError
-from guard.certify import CertifyError
-from guard.cli import app, console, fail
-from guard.core import GuardUnavailable
-from guard.models import ModelError
-from guard.policy import PolicyError, load_policy
+from guard.cli.output import console, fail
+from guard.errors import CertifyError, DetectorError, GuardUnavailable, ModelError, PolicyError
+from guard.policy import load_policy
 
 
-@app.command("serve")
 def serve(
     policy_file: Annotated[Path, typer.Option("--policy", "-p", help="Policy YAML file (reloaded on change).",
                                               show_default=False)] = ...,

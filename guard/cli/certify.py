@@ -14,9 +14,9 @@ from typing import Annotated, Literal
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from guard.cli import app, console, errors, fail
-from guard.models import ModelError
-from guard.policy import PolicyError, load_policy
+from guard.cli.output import console, errors, fail
+from guard.errors import ModelError, PolicyError
+from guard.policy import load_policy
 
 
 def _read_prompts(file: Path) -> list[str]:
@@ -30,7 +30,6 @@ def _read_prompts(file: Path) -> list[str]:
     return prompts
 
 
-@app.command("certify")
 def certify(
     prompt: Annotated[str | None, typer.Argument(help="Prompt to certify (or use --file).",
                                                  show_default=False)] = None,
@@ -52,8 +51,8 @@ def certify(
                                              help="Write the JSON report here instead of stdout.")] = None,
 ) -> None:
     """Certify prompts with erase-and-check and write a JSON report (exit 0 whatever the verdicts)."""
-    from detectors import DetectorError
-    from guard.certify import CertifyError, EraseAndCheck
+    from guard.certification import EraseAndCheck
+    from guard.errors import CertifyError, DetectorError
 
     if (prompt is None) == (file is None):
         raise fail("give one prompt or --file FILE (one prompt per line), not both")

@@ -22,12 +22,12 @@ from vllm.config import VllmConfig
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
+from guard.methods.token_penalty.tables import PenaltyRow, RowPenalty, TokenPenalties
 from guard.models import load_sentence_encoder
 from guard.policy import Policy
-from guard.token_penalty import PenaltyRow, RowPenalty, TokenPenalties
 
 EXTRA_ARGS_KEY = "erasure_guard"
-FQCN = "serving.engines.vllm_plugin:GuardLogitsProcessor"
+FQCN = "guard.methods.token_penalty.vllm:VLLMTokenPenaltyProcessor"
 
 
 def guard_args(policy_snapshot: Path, fingerprint: str, concept_ids: list[str], strength: float) -> dict[str, Any]:
@@ -49,7 +49,7 @@ def _parse(params: SamplingParams) -> dict[str, Any] | None:
     return args
 
 
-class GuardLogitsProcessor(LogitsProcessor):
+class VLLMTokenPenaltyProcessor(LogitsProcessor):
     """Token penalties for the rows whose requests carry guard arguments; other rows are untouched."""
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool):

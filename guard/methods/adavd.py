@@ -34,12 +34,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from guard.core import GuardUnavailable
+from guard.errors import AdaVDError
 from guard.policy import AdaVDSettings
-
-
-class AdaVDError(GuardUnavailable):
-    """AdaVD cannot edit this model or this call; the guard refuses rather than run unguarded."""
 
 
 def last_subject_embedding(sequence: torch.Tensor, input_ids: list[int], end_token_id: int) -> torch.Tensor:
