@@ -2,7 +2,8 @@
 
 Routes live in per-endpoint packages (``<endpoint>/api_router.py`` wiring, ``protocol.py`` wire models,
 ``serving.py`` logic — the layout of vLLM's OpenAI server); this module assembles them with the shared pieces:
-engine, hot-reloaded guard, metrics, API keys, body-size limit and OpenAI-shaped errors.
+engine, hot-reloaded guard, metrics, API keys, body-size limit and OpenAI-shaped errors, and builds the
+endpoint handlers once, on ``app.state``.
 """
 
 from __future__ import annotations
@@ -15,14 +16,18 @@ from typing import AsyncIterator
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from guard.policy import Policy
 from serving.auth import ApiKeyMiddleware, BodySizeLimitMiddleware
 from serving.chat_completion.api_router import router as chat_router
+from serving.chat_completion.serving import ChatServing
 from serving.completion.api_router import router as completion_router
+from serving.completion.serving import CompletionServing
 from serving.config import ServerSettings
 from serving.engines.base import Engine
 from serving.errors import ERROR_RESPONSES, OpenAIError, install_handlers
 from serving.guard_state import GuardState, cancel
 from serving.images.api_router import router as images_router
+from serving.images.serving import ImageServing
 from serving.metrics import ServerMetrics
 from serving.protocol import ModelCard, ModelList
 from serving.serving_base import ServerContext
@@ -45,11 +50,12 @@ def create_engine(settings: ServerSettings, metrics: ServerMetrics) -> Engine:
     return TransformersEngine(settings, metrics)
 
 
-def build_app(settings: ServerSettings) -> FastAPI:
-    """The app for ``settings``; loads engine and guard now (errors raise here), prepares the engine at start-up."""
+def build_app(settings: ServerSettings, policy: Policy) -> FastAPI:
+    """The app for ``settings`` guarded by ``policy`` (loaded from ``settings.policy_path``, which hot reloads
+    re-read); loads engine and guard now (errors raise here), prepares the engine at start-up."""
     metrics = ServerMetrics()
     engine = create_engine(settings, metrics)
-    guard_state = GuardState(settings.policy_path, engine, metrics, settings.image_model,
+    guard_state = GuardState(policy, settings.policy_path, engine, metrics, settings.image_model,
                              settings.image_nsfw_threshold)
     context = ServerContext(settings, engine, guard_state, metrics)
 
@@ -73,6 +79,10 @@ def build_app(settings: ServerSettings) -> FastAPI:
                   lifespan=lifespan)
     app.state.context = context
     app.state.startup_error = None
+    # The endpoint handlers, built once: each reads the active guard per request (see the api_router modules).
+    app.state.chat_serving = ChatServing(context)
+    app.state.completion_serving = CompletionServing(context)
+    app.state.image_serving = ImageServing(context)
     install_handlers(app)
     # Starlette runs the last-added middleware first: keys are checked before the body size is.
     app.add_middleware(BodySizeLimitMiddleware, limit=settings.max_request_bytes)

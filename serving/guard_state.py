@@ -1,7 +1,7 @@
-"""The active guard and its hot reload.
+"""The active guard with its certifier, and their hot reload.
 
-A request takes the guard once and keeps it to the end, so it is judged by one policy even if a reload lands
-mid-request. A reload builds the new guard completely (detectors, erase-and-check, the engine's penalty tables,
+A request takes the active guard once and keeps it to the end, so it is judged by one policy even if a reload
+lands mid-request. A reload builds the new guard completely (detectors, erase-and-check, the engine's penalty tables,
 the image guard) before swapping it in; a policy that fails to load or build is rejected with a log line and the
 old one stays active — a broken edit must never leave the server unguarded or down.
 """
@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from anyio import to_thread
 
-from guard.certification import Certificate, EraseAndCheck
-from guard.decision import Guard, OutputDecision, PromptDecision
-from guard.errors import ConceptRefused
+from guard.certification import EraseAndCheck
+from guard.decision import Guard
 from guard.policy import ActionType, Policy, load_policy
 from serving.engines.base import Engine
-from serving.metrics import ServerMetrics
+from serving.metrics import MeasuredGuard, ServerMetrics
 
 if TYPE_CHECKING:
     from guard.images.pipeline import ImageGuard
@@ -38,82 +37,58 @@ def refusal_policy(policy: Policy) -> Policy:
     return policy.model_copy(update={"concepts": [c for c in policy.concepts if c.action.type == ActionType.refuse]})
 
 
-class MeteredGuard(Guard):
-    """A Guard that reports the latency it adds and the concepts it flags to the server's metrics."""
+@dataclass(frozen=True)
+class ActiveGuard:
+    """One policy version ready to serve: its guard (checks measured) and its erase-and-check certifier.
 
-    def __init__(self, policy: Policy, metrics: ServerMetrics):
-        super().__init__(policy)
-        self.metrics = metrics
-        # Built with the guard, so each policy version certifies with its own settings and concepts.
-        self.certifier = EraseAndCheck.from_policy(refusal_policy(policy)) if policy.certify is not None else None
+    Built together and swapped together, so a request that takes it once is checked and certified by the same
+    policy version, with that version's certify settings and concepts.
+    """
 
-    def certify(self, prompt: str) -> Certificate:
-        """erase-and-check ``prompt`` (only for policies with a ``certify:`` block; blocking — run it in a thread)."""
-        if self.certifier is None:
-            raise ValueError(f"policy {self.policy.version_tag} has no certify block")
-        started = time.perf_counter()
-        try:
-            return self.certifier.certify(prompt)
-        finally:
-            self.metrics.guard_latency.labels(stage="certify").observe(time.perf_counter() - started)
+    guard: MeasuredGuard
+    certifier: EraseAndCheck | None  # None: the policy has no ``certify:`` block
 
-    def check_prompt(self, texts: Sequence[str]) -> PromptDecision:
-        started = time.perf_counter()
-        try:
-            decision = super().check_prompt(texts)
-        except ConceptRefused as refused:
-            for concept_id in refused.concept_ids:
-                self.metrics.flags.labels(concept=concept_id, action="refuse").inc()
-            raise
-        finally:
-            self.metrics.guard_latency.labels(stage="prompt").observe(time.perf_counter() - started)
-        verdict = decision.verdict
-        for action, ids in (("steer", verdict.steered), ("log", verdict.logged)):
-            for concept_id in ids:
-                self.metrics.flags.labels(concept=concept_id, action=action).inc()
-        return decision
-
-    def check_output(self, text: str, decision: PromptDecision, attempt: int = 0) -> OutputDecision:
-        started = time.perf_counter()
-        try:
-            return super().check_output(text, decision, attempt)
-        finally:
-            self.metrics.guard_latency.labels(stage="output").observe(time.perf_counter() - started)
+    @classmethod
+    def build(cls, policy: Policy, metrics: ServerMetrics) -> ActiveGuard:
+        """Load the policy's detectors and certifier (blocking: seconds for a new embedding model)."""
+        guard = MeasuredGuard(Guard(policy), metrics)
+        certifier = EraseAndCheck.from_policy(refusal_policy(policy)) if policy.certify is not None else None
+        return cls(guard, certifier)
 
 
 class GuardState:
-    def __init__(self, policy_path: Path, engine: Engine, metrics: ServerMetrics, image_model: str | None = None,
-                 image_nsfw_threshold: float | None = None):
-        """Load the policy and build its guards now: a server must not even start without a working guard."""
+    def __init__(self, policy: Policy, policy_path: Path, engine: Engine, metrics: ServerMetrics,
+                 image_model: str | None = None, image_nsfw_threshold: float | None = None):
+        """Build the guards of ``policy`` (read from ``policy_path``, which reloads re-read) now: a server must
+        not even start without a working guard."""
         self.policy_path = policy_path
         self.engine = engine
         self.metrics = metrics
-        self._guard = MeteredGuard(load_policy(policy_path), metrics)
+        self.active = ActiveGuard.build(policy, metrics)
         self.images: ImageGuard | None = None
         if image_model is not None:
             from guard.images.pipeline import ImageGuard
 
-            self.images = ImageGuard(image_model, self._guard.policy, nsfw_threshold=image_nsfw_threshold)
+            self.images = ImageGuard(image_model, policy, nsfw_threshold=image_nsfw_threshold)
 
     @property
-    def guard(self) -> MeteredGuard:
-        return self._guard
+    def guard(self) -> MeasuredGuard:
+        return self.active.guard
 
     async def start(self) -> None:
         """Prepare the engine for the first guard (inside the server's event loop, before any request)."""
-        await self.engine.prepare(self._guard)
-        self.metrics.set_policy(self._guard.policy.version_tag)
-        logger.info("policy %s active (%d concepts)", self._guard.policy.version_tag,
-                    len(self._guard.policy.concepts))
+        await self.engine.prepare(self.guard)
+        self.metrics.set_policy(self.guard.policy.version_tag)
+        logger.info("policy %s active (%d concepts)", self.guard.policy.version_tag, len(self.guard.policy.concepts))
 
     async def reload(self) -> bool:
         """Apply the policy file as it is now; True when a new policy became active."""
         try:
             policy = await to_thread.run_sync(load_policy, self.policy_path)
-            if policy.fingerprint == self._guard.policy.fingerprint:
+            if policy.fingerprint == self.guard.policy.fingerprint:
                 return False
-            guard = await to_thread.run_sync(MeteredGuard, policy, self.metrics)
-            await self.engine.prepare(guard)
+            active = await to_thread.run_sync(ActiveGuard.build, policy, self.metrics)
+            await self.engine.prepare(active.guard)
             if self.images is not None:
                 await to_thread.run_sync(self.images.use_policy, policy)
         except Exception as err:  # noqa: BLE001 - a bad policy, missing model or detector failure keeps the old one
@@ -121,10 +96,10 @@ class GuardState:
             logger.error("policy reload rejected, keeping %s: %s", self.guard.policy.version_tag, err)
             return False
         previous = self.guard.policy.version_tag
-        self._guard = guard
+        self.active = active
         self.metrics.policy_reloads.labels(result="applied").inc()
-        self.metrics.set_policy(guard.policy.version_tag)
-        logger.info("policy reloaded: %s -> %s", previous, guard.policy.version_tag)
+        self.metrics.set_policy(policy.version_tag)
+        logger.info("policy reloaded: %s -> %s", previous, policy.version_tag)
         return True
 
     def watched_paths(self) -> list[Path]:

@@ -1,17 +1,28 @@
-"""What chat and text completions share: validation, sampling settings, guard outcomes as HTTP, headers."""
+"""The endpoint handlers' bases: how guard outcomes become HTTP, in one place for every endpoint.
+
+:class:`GuardedServing` is what every endpoint shares — request counting and latency, refusals (400
+content_policy_violation), guard-unavailable errors (503) and the ``x-guard-*`` headers. :class:`TextServing`
+adds what chat and text completions share: validation, sampling settings, erase-and-check certification and the
+guarded engine calls. Handlers are built once per app (:func:`serving.app.build_app`) and read the active guard
+per request, so a policy reload needs no new handler.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Generic, Mapping, Sequence, TypeVar
 
 from anyio import to_thread
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 
 from guard.certification import Certificate
 from guard.decision import Guard
 from guard.errors import ConceptRefused, GuardUnavailable, TokenPenaltyError
+from guard.policy import Policy
 from guard.text.generation import GenerationResult, SamplingSettings
 from serving.config import ServerSettings
 from serving.engines.base import Engine, EngineRequest, EngineStream
@@ -23,18 +34,21 @@ from serving.errors import (
     policy_violation,
     unsupported_parameter,
 )
-from serving.guard_state import GuardState, MeteredGuard
+from serving.guard_state import ActiveGuard, GuardState
 from serving.metrics import ServerMetrics
-from serving.protocol import SamplingRequest
-from serving.streaming import window_size
+from serving.protocol import OpenAIBaseModel, SamplingRequest
+from serving.streaming import ChunkWriter, guarded_events, window_size
 
 logger = logging.getLogger("serving")
 
+RequestT = TypeVar("RequestT", bound=OpenAIBaseModel)
+SamplingRequestT = TypeVar("SamplingRequestT", bound=SamplingRequest)
 
-def guard_headers(guard: Guard, flagged: Sequence[str]) -> dict[str, str]:
+
+def guard_headers(policy: Policy, flagged: Sequence[str]) -> dict[str, str]:
     """Which policy judged the request, how many concepts it checked, and which ones it flagged."""
-    return {"x-guard-policy": guard.policy.version_tag,
-            "x-guard-concepts-checked": str(len(guard.policy.concepts)),
+    return {"x-guard-policy": policy.version_tag,
+            "x-guard-concepts-checked": str(len(policy.concepts)),
             "x-guard-flagged": ",".join(dict.fromkeys(flagged))}
 
 
@@ -47,20 +61,71 @@ class ServerContext:
     loop: asyncio.AbstractEventLoop | None = None  # the serving loop (engines bound to it run work there)
 
 
-class GuardedServing:
-    """Base of the endpoint handlers: turns a validated request into guarded engine calls."""
+class GuardedServing(ABC, Generic[RequestT]):
+    """Base of every endpoint handler: ``create`` answers one validated request; calling the handler times it."""
 
-    endpoint = ""
+    endpoint = ""  # the ``endpoint`` label of the request metrics
 
     def __init__(self, context: ServerContext):
         self.context = context
         self.settings = context.settings
-        self.engine = context.engine
         self.metrics = context.metrics
 
+    async def __call__(self, request: RequestT) -> Response:
+        with self.metrics.request_latency.labels(endpoint=self.endpoint).time():
+            return await self.create(request)
+
+    @abstractmethod
+    async def create(self, request: RequestT) -> Response:
+        """The endpoint's answer to ``request`` (an OpenAIError on any refusal)."""
+
+    def count(self, outcome: str) -> None:
+        """Count one finished request by outcome (ok, blocked_prompt, blocked_output, guard_unavailable, ...)."""
+        self.metrics.requests.labels(endpoint=self.endpoint, outcome=outcome).inc()
+
     def invalid(self, error: OpenAIError) -> OpenAIError:
-        self.metrics.requests.labels(endpoint=self.endpoint, outcome="invalid").inc()
+        self.count("invalid")
         return error
+
+    def refuse(self, policy: Policy, concept_ids: Sequence[str], message: str, user: str | None, *,
+               stage: str = "prompt", flagged: Sequence[str] | None = None,
+               blocked: Sequence[str] | None = None) -> OpenAIError:
+        """A policy block (400 content_policy_violation) of ``concept_ids``, with the x-guard-* headers.
+
+        Counted as a blocked output when ``stage`` is "output", else as a blocked prompt; ``blocked`` (default:
+        ``concept_ids``) is counted per concept at ``stage``; ``flagged`` (default: ``concept_ids``) is the
+        x-guard-flagged header.
+        """
+        blocked = list(concept_ids if blocked is None else blocked)
+        logger.info("%s: refused at %s (%s)%s", self.endpoint, stage, ", ".join(blocked),
+                    f" from user {user!r}" if user else "")
+        self.count("blocked_output" if stage == "output" else "blocked_prompt")
+        self.metrics.record_block(blocked, stage=stage)
+        error = policy_violation(concept_ids, message)
+        error.headers.update(guard_headers(policy, concept_ids if flagged is None else flagged))
+        return error
+
+    def unavailable(self, policy: Policy, err: Exception) -> OpenAIError:
+        """503 guard_unavailable: the guard could not run, so the request is not answered (fail closed)."""
+        self.count("guard_unavailable")
+        logger.error("%s: guard unavailable, refusing the request: %s", self.endpoint, err)
+        error = guard_unavailable(str(err))
+        error.headers.update(guard_headers(policy, []))
+        return error
+
+    @staticmethod
+    def response(body: BaseModel, policy: Policy, flagged: Sequence[str],
+                 headers: Mapping[str, str]) -> JSONResponse:
+        """The JSON answer with the x-guard-* headers, then the endpoint's own ``headers``."""
+        return JSONResponse(body.model_dump(), headers={**guard_headers(policy, flagged), **headers})
+
+
+class TextServing(GuardedServing[SamplingRequestT]):
+    """Base of chat and text completions: turns a validated request into guarded engine calls."""
+
+    def __init__(self, context: ServerContext):
+        super().__init__(context)
+        self.engine = context.engine
 
     def validate(self, request: SamplingRequest) -> None:
         """Refuse what cannot be honoured exactly (400 naming the parameter) before the guard runs."""
@@ -92,34 +157,21 @@ class GuardedServing:
                                 top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed,
                                 stop=request.stop_sequences, n=request.n, logit_bias=request.client_logit_bias())
 
-    def _refused(self, guard: Guard, err: ConceptRefused, user: str | None) -> OpenAIError:
-        logger.info("refused a prompt (%s)%s", ", ".join(err.concept_ids), f" from user {user!r}" if user else "")
-        self.metrics.requests.labels(endpoint=self.endpoint, outcome="blocked_prompt").inc()
-        self.metrics.record_block(err.concept_ids, stage="prompt")
-        error = policy_violation(err.concept_ids, err.message)
-        error.headers.update(guard_headers(guard, err.concept_ids))
-        return error
-
-    def _unavailable(self, guard: Guard, err: Exception) -> OpenAIError:
-        self.metrics.requests.labels(endpoint=self.endpoint, outcome="guard_unavailable").inc()
-        logger.error("guard unavailable, refusing the request: %s", err)
-        error = guard_unavailable(str(err))
-        error.headers.update(guard_headers(guard, []))
-        return error
-
-    async def certify(self, guard: MeteredGuard, prompts: Sequence[str], user: str | None) -> dict[str, str]:
+    async def certify(self, active: ActiveGuard, prompts: Sequence[str], user: str | None) -> dict[str, str]:
         """erase-and-check each prompt before anything is generated; the ``x-guard-certificate`` header, or {}.
 
         Only policies with a ``certify:`` block certify. A flagged prompt is refused (400); certification that
         cannot run refuses the request (503): never an uncertified answer.
         """
-        if guard.certifier is None:
+        certifier, guard = active.certifier, active.guard
+        if certifier is None:
             return {}
 
         def run() -> tuple[list[Certificate], list[str]]:
             certificates: list[Certificate] = []
             for prompt in prompts:
-                certificates.append(guard.certify(prompt))
+                with self.metrics.guard_timer("certify"):
+                    certificates.append(certifier.certify(prompt))
                 if certificates[-1].flagged:
                     return certificates, guard.classify([certificates[-1].trigger or ""]).refused
             return certificates, []
@@ -127,43 +179,34 @@ class GuardedServing:
         try:
             certificates, concept_ids = await to_thread.run_sync(run)
         except Exception as err:  # noqa: BLE001 - any certification fault fails closed, with its cause
-            raise self._unavailable(guard, err) from None
+            raise self.unavailable(guard.policy, err) from None
         header = {"x-guard-certificate": ", ".join(c.header_value() for c in certificates)}
         last = certificates[-1]
         if not last.flagged:
             return header
         if last.trigger_erased_tokens == 0 and concept_ids:
             # The prompt itself names a refused concept: the guard's own refusal, as without certification.
-            error = self._refused(guard, ConceptRefused(concept_ids, guard.refusal_message(concept_ids)), user)
+            error = self.refuse(guard.policy, concept_ids, guard.refusal_message(concept_ids), user)
         else:
-            error = self._certify_refused(guard, last, concept_ids, user)
+            # Harmful behind up to d extra tokens (an adversarial suffix, say), or caught only by the
+            # harmful-request classifier of ``filter: both``: a prompt the guard's own check would pass.
+            message = (f"Sorry, I can't help with that: erase-and-check (mode={last.mode}, "
+                       f"d={last.max_erase}) flagged this prompt as harmful.")
+            error = self.refuse(guard.policy, concept_ids, message, user, stage="certify",
+                                blocked=concept_ids or ["erase-and-check"])
         error.headers.update(header)
         raise error
-
-    def _certify_refused(self, guard: Guard, certificate: Certificate, concept_ids: list[str],
-                         user: str | None) -> OpenAIError:
-        """A prompt the guard's own check would pass: harmful behind up to d extra tokens (an adversarial suffix,
-        say), or caught only by the harmful-request classifier of ``filter: both``."""
-        logger.info("erase-and-check refused a prompt (%s)%s", ", ".join(concept_ids) or certificate.filter,
-                    f" from user {user!r}" if user else "")
-        self.metrics.requests.labels(endpoint=self.endpoint, outcome="blocked_prompt").inc()
-        self.metrics.record_block(concept_ids or ["erase-and-check"], stage="certify")
-        message = (f"Sorry, I can't help with that: erase-and-check (mode={certificate.mode}, "
-                   f"d={certificate.max_erase}) flagged this prompt as harmful.")
-        error = policy_violation(concept_ids, message)
-        error.headers.update(guard_headers(guard, concept_ids))
-        return error
 
     async def generate(self, guard: Guard, requests: list[EngineRequest]) -> list[GenerationResult]:
         """Guarded answers to the prompts of one HTTP request (concurrently, so the engine can batch them)."""
         try:
             results = await asyncio.gather(*(self.engine.generate(guard, request) for request in requests))
         except ConceptRefused as err:
-            raise self._refused(guard, err, requests[0].user) from None
+            raise self.refuse(guard.policy, err.concept_ids, err.message, requests[0].user) from None
         except (GuardUnavailable, TokenPenaltyError) as err:
-            raise self._unavailable(guard, err) from None
+            raise self.unavailable(guard.policy, err) from None
         except OpenAIError:
-            self.metrics.requests.labels(endpoint=self.endpoint, outcome="error").inc()
+            self.count("error")
             raise
         blocked = False
         for result in results:
@@ -172,19 +215,29 @@ class GuardedServing:
                 if choice.finish_reason == "content_filter":
                     blocked = True
                     self.metrics.record_block(self.output_concepts(result, choice.index), stage="output")
-        self.metrics.requests.labels(endpoint=self.endpoint, outcome="blocked_output" if blocked else "ok").inc()
+        self.count("blocked_output" if blocked else "ok")
         return list(results)
 
     async def open_stream(self, guard: Guard, request: EngineRequest) -> EngineStream:
         try:
             return await self.engine.open_stream(guard, request)
         except ConceptRefused as err:
-            raise self._refused(guard, err, request.user) from None
+            raise self.refuse(guard.policy, err.concept_ids, err.message, request.user) from None
         except (GuardUnavailable, TokenPenaltyError) as err:
-            raise self._unavailable(guard, err) from None
+            raise self.unavailable(guard.policy, err) from None
         except OpenAIError:
-            self.metrics.requests.labels(endpoint=self.endpoint, outcome="error").inc()
+            self.count("error")
             raise
+
+    def stream_response(self, guard: Guard, stream: EngineStream, writer: ChunkWriter, choices: int,
+                        include_usage: bool, certificate: Mapping[str, str]) -> StreamingResponse:
+        """The SSE answer of an open stream, its output checked through the sliding window."""
+        events = guarded_events(guard, stream, writer, choices,
+                                window_size(guard.policy, self.settings.stream_window_margin),
+                                self.settings.stream_check_interval, include_usage, self.metrics, self.count)
+        headers = {**guard_headers(guard.policy, stream.decision.verdict.flagged), **certificate,
+                   "cache-control": "no-cache"}
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
     @staticmethod
     def output_concepts(result: GenerationResult, index: int) -> list[str]:
@@ -197,9 +250,6 @@ class GuardedServing:
             if choice.finish_reason == "content_filter":
                 flagged += self.output_concepts(result, choice.index)
         return flagged
-
-    def stream_window(self, guard: Guard) -> int:
-        return window_size(guard.policy, self.settings.stream_window_margin)
 
     @staticmethod
     def fingerprint(guard: Guard) -> str:

@@ -117,9 +117,13 @@ def frame(payload: dict) -> bytes:
 
 
 async def guarded_events(guard: Guard, stream: EngineStream, writer: ChunkWriter, choices: int, window: int,
-                         interval: int, include_usage: bool, metrics: ServerMetrics, endpoint: str,
-                         on_block: Callable[[list[str]], None] = lambda ids: None) -> AsyncIterator[bytes]:
-    """The SSE body of a guarded stream; closes the engine stream however it ends."""
+                         interval: int, include_usage: bool, metrics: ServerMetrics,
+                         count: Callable[[str], None]) -> AsyncIterator[bytes]:
+    """The SSE body of a guarded stream; closes the engine stream however it ends.
+
+    ``count`` counts the request's outcome (the endpoint handler's counter): a stream's outcome is only known
+    once its body has been sent.
+    """
     windows = {i: OutputWindow(guard, stream.decision, window, interval) for i in range(choices)}
     open_choices = set(windows)
 
@@ -133,7 +137,6 @@ async def guarded_events(guard: Guard, stream: EngineStream, writer: ChunkWriter
         if step.blocked is not None:
             concepts = blocked_concepts(step.blocked)
             metrics.record_block(concepts, stage="stream_output")
-            on_block(concepts)
             logger.info("stream choice %d blocked by the output check: %s", index, ", ".join(concepts))
             yield frame(writer.finish(index, "content_filter", blocked_message(guard, step.blocked)))
             open_choices.discard(index)
@@ -159,20 +162,20 @@ async def guarded_events(guard: Guard, stream: EngineStream, writer: ChunkWriter
             raise EngineStreamError(f"the engine ended the stream before choices {sorted(open_choices)} finished")
         if include_usage:
             yield frame(writer.usage(stream.prompt_tokens, stream.completion_tokens))
-        metrics.requests.labels(endpoint=endpoint, outcome="ok").inc()
+        count("ok")
         yield DONE_FRAME
     except GuardUnavailable as err:
         logger.error("guard failed during a stream; ending it with an error frame: %s", err)
-        metrics.requests.labels(endpoint=endpoint, outcome="guard_unavailable").inc()
+        count("guard_unavailable")
         yield guard_unavailable(str(err)).sse_frame()
     except (OpenAIError, EngineStreamError) as err:
         logger.error("engine failed during a stream: %s", err)
-        metrics.requests.labels(endpoint=endpoint, outcome="error").inc()
+        count("error")
         error = err if isinstance(err, OpenAIError) else OpenAIError(500, str(err), type="server_error",
                                                                       code="engine_error")
         yield error.sse_frame()
     except (asyncio.CancelledError, GeneratorExit):  # the client went away: stop decoding for it
-        metrics.requests.labels(endpoint=endpoint, outcome="disconnected").inc()
+        count("disconnected")
         raise
     finally:
         await stream.aclose()

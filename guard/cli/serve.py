@@ -78,10 +78,10 @@ def serve(
             default_max_tokens=default_max_tokens, batch_wait_ms=batch_wait_ms, max_batch_size=max_batch_size,
             reload_policy=reload, vllm_options=vllm_options, image_model=image_model,
             image_nsfw_threshold=image_nsfw_threshold)
-        load_policy(policy_file)  # a bad policy fails before any model is loaded
+        policy = load_policy(policy_file)  # a bad policy fails before any model is loaded
         loading = f"the {chosen} engine ({model})" + (f", the image model ({image_model})" if image_model else "")
         with console.status(f"loading {loading} and the guard"):
-            server_app = build_app(settings)
+            server_app = build_app(settings, policy)
     except (SettingsError, PolicyError, ModelError, GuardUnavailable, CertifyError, DetectorError) as err:
         raise fail(str(err)) from None
     except ImportError as err:

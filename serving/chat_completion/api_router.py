@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from serving.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
@@ -14,11 +14,12 @@ from serving.streaming import completion_responses
 router = APIRouter()
 
 
+async def chat_serving(request: Request) -> ChatServing:
+    """The app's chat handler, built once by :func:`serving.app.build_app`."""
+    return request.app.state.chat_serving
+
+
 @router.post("/v1/chat/completions", response_model=None, responses=completion_responses(ChatCompletionResponse))
-async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
-    context = request.app.state.context
-    started = time.perf_counter()
-    try:
-        return await ChatServing(context).create(body)
-    finally:
-        context.metrics.request_latency.labels(endpoint="chat").observe(time.perf_counter() - started)
+async def create_chat_completion(body: ChatCompletionRequest, handler: Annotated[ChatServing, Depends(chat_serving)]
+                                 ) -> JSONResponse | StreamingResponse:
+    return await handler(body)

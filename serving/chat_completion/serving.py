@@ -19,8 +19,7 @@ from serving.chat_completion.protocol import (
 )
 from serving.engines.base import EngineRequest
 from serving.protocol import Usage
-from serving.serving_base import GuardedServing, guard_headers
-from serving.streaming import guarded_events
+from serving.serving_base import TextServing
 
 
 class ChatChunkWriter:
@@ -48,25 +47,22 @@ class ChatChunkWriter:
                                      total_tokens=prompt_tokens + completion_tokens))
 
 
-class ChatServing(GuardedServing):
+class ChatServing(TextServing[ChatCompletionRequest]):
     endpoint = "chat"
 
     async def create(self, request: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
-        guard = self.context.guard_state.guard
+        active = self.context.guard_state.active
+        guard = active.guard
         self.validate(request)
         param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         settings = self.sampling(request, request.requested_max_tokens, param)
         engine_request = EngineRequest(settings, messages=request.plain_messages(), user=request.end_user)
-        certificate = await self.certify(guard, ["\n".join(engine_request.guard_texts)], request.end_user)
+        certificate = await self.certify(active, ["\n".join(engine_request.guard_texts)], request.end_user)
 
         if request.stream:
             stream = await self.open_stream(guard, engine_request)
-            headers = {**guard_headers(guard, stream.decision.verdict.flagged), **certificate}
-            events = guarded_events(guard, stream, ChatChunkWriter(self.engine.model_id, self.fingerprint(guard)),
-                                    settings.n, self.stream_window(guard), self.settings.stream_check_interval,
-                                    request.include_usage, self.metrics, self.endpoint)
-            return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={**headers, "cache-control": "no-cache"})
+            writer = ChatChunkWriter(self.engine.model_id, self.fingerprint(guard))
+            return self.stream_response(guard, stream, writer, settings.n, request.include_usage, certificate)
 
         (result,) = await self.generate(guard, [engine_request])
         choices = []
@@ -79,5 +75,4 @@ class ChatServing(GuardedServing):
             model=self.engine.model_id, choices=choices, system_fingerprint=self.fingerprint(guard),
             usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                         total_tokens=result.prompt_tokens + result.completion_tokens))
-        headers = {**guard_headers(guard, self.flagged(result)), **certificate}
-        return JSONResponse(response.model_dump(), headers=headers)
+        return self.response(response, guard.policy, self.flagged(result), certificate)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from serving.completion.protocol import CompletionRequest, CompletionResponse
@@ -14,11 +14,12 @@ from serving.streaming import completion_responses
 router = APIRouter()
 
 
+async def completion_serving(request: Request) -> CompletionServing:
+    """The app's text-completion handler, built once by :func:`serving.app.build_app`."""
+    return request.app.state.completion_serving
+
+
 @router.post("/v1/completions", response_model=None, responses=completion_responses(CompletionResponse))
-async def create_completion(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
-    context = request.app.state.context
-    started = time.perf_counter()
-    try:
-        return await CompletionServing(context).create(body)
-    finally:
-        context.metrics.request_latency.labels(endpoint="completions").observe(time.perf_counter() - started)
+async def create_completion(body: CompletionRequest, handler: Annotated[CompletionServing, Depends(completion_serving)]
+                            ) -> JSONResponse | StreamingResponse:
+    return await handler(body)

@@ -12,8 +12,7 @@ from serving.completion.protocol import CompletionChoice, CompletionRequest, Com
 from serving.engines.base import EngineRequest
 from serving.errors import invalid_request, unsupported_parameter
 from serving.protocol import Usage
-from serving.serving_base import GuardedServing, guard_headers
-from serving.streaming import guarded_events
+from serving.serving_base import TextServing
 
 
 class CompletionChunkWriter:
@@ -42,11 +41,12 @@ class CompletionChunkWriter:
                                      total_tokens=prompt_tokens + completion_tokens))
 
 
-class CompletionServing(GuardedServing):
+class CompletionServing(TextServing[CompletionRequest]):
     endpoint = "completions"
 
     async def create(self, request: CompletionRequest) -> JSONResponse | StreamingResponse:
-        guard = self.context.guard_state.guard
+        active = self.context.guard_state.active
+        guard = active.guard
         self.validate(request)
         prompts = request.prompts
         if not prompts or not all(prompts):
@@ -56,17 +56,12 @@ class CompletionServing(GuardedServing):
         if request.stream:
             if len(prompts) > 1:
                 raise self.invalid(unsupported_parameter("prompt", "streaming accepts one prompt per request"))
-            certificate = await self.certify(guard, prompts, request.end_user)
+            certificate = await self.certify(active, prompts, request.end_user)
             stream = await self.open_stream(guard, EngineRequest(settings, prompt=prompts[0], user=request.end_user))
             writer = CompletionChunkWriter(self.engine.model_id, self.fingerprint(guard))
-            events = guarded_events(guard, stream, writer, settings.n, self.stream_window(guard),
-                                    self.settings.stream_check_interval, request.include_usage, self.metrics,
-                                    self.endpoint)
-            return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={**guard_headers(guard, stream.decision.verdict.flagged),
-                                              **certificate, "cache-control": "no-cache"})
+            return self.stream_response(guard, stream, writer, settings.n, request.include_usage, certificate)
 
-        certificate = await self.certify(guard, prompts, request.end_user)
+        certificate = await self.certify(active, prompts, request.end_user)
         engine_requests = [EngineRequest(settings, prompt=p, user=request.end_user) for p in prompts]
         results = await self.generate(guard, engine_requests)
         choices = []
@@ -84,4 +79,4 @@ class CompletionServing(GuardedServing):
                                       system_fingerprint=self.fingerprint(guard),
                                       usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                                   total_tokens=prompt_tokens + completion_tokens))
-        return JSONResponse(response.model_dump(), headers={**guard_headers(guard, flagged), **certificate})
+        return self.response(response, guard.policy, flagged, certificate)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from serving.images.protocol import ImageGenerationRequest
@@ -13,11 +13,12 @@ from serving.images.serving import ImageServing
 router = APIRouter()
 
 
+async def image_serving(request: Request) -> ImageServing:
+    """The app's image handler, built once by :func:`serving.app.build_app`."""
+    return request.app.state.image_serving
+
+
 @router.post("/v1/images/generations", response_model=None)
-async def create_image(body: ImageGenerationRequest, request: Request) -> JSONResponse:
-    context = request.app.state.context
-    started = time.perf_counter()
-    try:
-        return await ImageServing(context).create(body)
-    finally:
-        context.metrics.request_latency.labels(endpoint="images").observe(time.perf_counter() - started)
+async def create_image(body: ImageGenerationRequest, handler: Annotated[ImageServing, Depends(image_serving)]
+                       ) -> JSONResponse:
+    return await handler(body)
