@@ -1,189 +1,30 @@
 """``guard edit``: bake a policy's diffusion concepts into a model's weights (UCE + RECE) and record the edit.
 
-The output is a plain diffusers folder, so any Stable Diffusion runtime loads it without the guard. The
-manifest ties it to the exact policy and source weights, so an auditor can tell which edit a model carries.
-Every known failure (bad policy, unknown concept, missing model, unsafe output path) is one line and exit 2.
+The output is a plain diffusers folder with a manifest (:mod:`guard.edited_model`). Every known failure (bad
+policy, unknown concept, missing model, unsafe output path) is one line and exit 2.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
-import uuid
-from datetime import datetime, timezone
-from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.markdown import Markdown
 
 from guard.cli.output import console, fail
-from guard.errors import ModelError, PolicyError
-from guard.models import resolve
-from guard.policy import Policy, load_policy
-
-if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
-
-    from guard.methods.uce import EditPlan, EditResult
-
-MANIFEST_NAME = "erasure_manifest.json"
-REPORT_NAME = "erasure_report.md"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
-_HASH_CHUNK = 1 << 22
-
-
-def weights_sha256(folder: Path) -> tuple[str, list[str]]:
-    """One SHA-256 over every weight file (relative path and content) and the files it covers."""
-    files = sorted(path for path in folder.rglob("*") if path.is_file() and path.suffix in WEIGHT_SUFFIXES)
-    total = hashlib.sha256()
-    names = []
-    for path in files:
-        name = path.relative_to(folder).as_posix()
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            while chunk := handle.read(_HASH_CHUNK):
-                digest.update(chunk)
-        total.update(f"{name}\0{digest.hexdigest()}\n".encode())
-        names.append(name)
-    return total.hexdigest(), names
-
-
-def pipeline_folder(reference: str) -> tuple[Path, str]:
-    """The local diffusers pipeline folder behind ``reference`` and its pipeline class, or a clear error."""
-    if reference.startswith("embedded:"):
-        raise fail(f"'{reference}' is a language model; guard edit needs a diffusers Stable Diffusion pipeline folder "
-                   "(the persistent path for language models is not implemented)")
-    if not Path(reference).expanduser().is_dir():
-        raise fail(f"model folder '{reference}' does not exist or is not a folder")
-    try:
-        folder = resolve(reference).path
-    except ModelError as err:
-        raise fail(str(err)) from None
-    index = folder / "model_index.json"
-    if not index.is_file():
-        raise fail(f"'{reference}' is not a diffusers pipeline folder (no model_index.json)")
-    try:
-        pipeline_class = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-    except (OSError, ValueError) as err:
-        raise fail(f"cannot read {index}: {err}") from None
-    if pipeline_class not in SUPPORTED_PIPELINES:
-        raise fail(f"'{reference}' holds a {pipeline_class or 'unknown'} pipeline; guard edit supports "
-                   f"{', '.join(SUPPORTED_PIPELINES)} (single CLIP text encoder, UNet cross-attention)")
-    return folder, pipeline_class
-
-
-def check_output(source: Path, out: Path, force: bool) -> Path:
-    """Refuse any output that could overwrite the source, and a non-empty folder unless ``force``."""
-    target = out.expanduser().resolve()
-    if target == source or source in target.parents:
-        raise fail(f"refusing to write the edited model into the source model folder {source}; choose another --out")
-    if target in source.parents:
-        raise fail(f"--out {out} contains the source model {source}; replacing it would destroy the source")
-    if target.exists():
-        if not target.is_dir():
-            raise fail(f"--out {out} is a file, not a folder")
-        if any(target.iterdir()) and not force:
-            raise fail(f"--out {out} exists and is not empty; pass --force to replace it")
-    return target
-
-
-def load_pipeline(folder: Path) -> "StableDiffusionPipeline":
-    from diffusers import StableDiffusionPipeline
-
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise fail(f"cannot load the diffusers pipeline at {folder}: {err}") from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def build_manifest(policy: Policy, policy_file: Path, plan: "EditPlan", result: "EditResult", source: Path,
-                   pipeline_class: str, source_hash: str, source_files: list[str]) -> dict[str, Any]:
-    from guard.methods.uce import ROUND_CRITERION
-
-    return {
-        "format": "erasure-guard/weight-edit@1",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "tool": {"name": "erasure-guard", "version": version("erasure-guard")},
-        "policy": {"name": policy.name, "fingerprint": policy.fingerprint, "version_tag": policy.version_tag,
-                   "file": str(policy_file)},
-        "method": plan.method,
-        "parameters": {
-            "lambda": plan.lambda_,
-            "erase_scale": 1.0,
-            "rece_rounds": plan.rece_rounds,
-            "rece_regularizer": plan.rece_regularizer,
-            "keys": "last subject token of each alias; anchors and preserve prompts held at their original outputs",
-            "edited": "cross-attention (attn2) to_k and to_v of every UNet transformer block",
-            "round_criterion": ROUND_CRITERION,
-        },
-        "concepts": [{"id": c.concept_id, "kind": c.kind.value, "names": list(c.names), "anchor": c.anchor,
-                      "preserve": list(c.preserve), "preserve_scale": c.preserve_scale} for c in plan.concepts],
-        "source_model": {"path": str(source), "pipeline": pipeline_class, "weights_sha256": source_hash,
-                         "weight_files": source_files},
-        "result": result.to_json(),
-    }
-
-
-def render_report(manifest: dict[str, Any], out: Path) -> str:
-    """A short Markdown summary: what was erased, how well, and at what cost to preserved prompts."""
-    result = manifest["result"]
-    best = result["rounds"][result["best_round"]]
-    rounds = manifest["parameters"]["rece_rounds"]
-    method = "UCE" + (f" + {rounds} RECE round{'s' if rounds != 1 else ''}" if rounds else "")
-    widest = max(result["layers"], key=lambda layer: layer["relative_change"])
-    lines = [
-        "# Erasure report", "",
-        f"- Edited model: `{out}` (weights sha256 `{manifest['edited_model']['weights_sha256'][:16]}…`)",
-        f"- Source model: `{manifest['source_model']['path']}` "
-        f"(weights sha256 `{manifest['source_model']['weights_sha256'][:16]}…`)",
-        f"- Policy: `{manifest['policy']['version_tag']}` from `{manifest['policy']['file']}`",
-        f"- Method: {method}, lambda {manifest['parameters']['lambda']}; kept round {result['best_round']} "
-        f"({result['round_criterion']})",
-        f"- Changed {len(result['layers'])} cross-attention projections; largest relative change "
-        f"{widest['relative_change']:.3f} (`{widest['name']}`)",
-        f"- Preserved prompts and anchors drift at most {best['preserve_drift']:.3f} (relative)",
-        "", "| concept | kind | names | anchor | erase residual | revivability |", "|---|---|---|---|---|---|",
-    ]
-    for concept in manifest["concepts"]:
-        lines.append(f"| {concept['id']} | {concept['kind']} | {', '.join(concept['names'])} | "
-                     f"{concept['anchor'] or '(empty prompt)'} | {best['erase_residual'][concept['id']]:.3f} | "
-                     f"{best['revivability'][concept['id']]:.3f} |")
-    if rounds:
-        lines += ["", "| round | worst revivability | worst erase residual | preserve drift |", "|---|---|---|---|"]
-        for metrics in result["rounds"]:
-            lines.append(f"| {metrics['round']} | {max(metrics['revivability'].values()):.3f} | "
-                         f"{max(metrics['erase_residual'].values()):.3f} | {metrics['preserve_drift']:.3f} |")
-    lines += ["", "Erase residual: share of the name-to-anchor distance left in the keys and values (0 = the names "
-              "now encode like the anchor). Revivability: share of that distance that the best reviving embedding "
-              "closes (RECE closed form; 1 = the concept can be fully restored).", ""]
-    return "\n".join(lines)
-
-
-def write_edited_model(pipe: "StableDiffusionPipeline", target: Path, manifest: dict[str, Any]) -> str:
-    """Save into a staging folder beside ``target``, then swap it in, so a failure never leaves half a model."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()  # not mkdtemp: its private mode would stick to the published folder
-    try:
-        pipe.save_pretrained(staging, safe_serialization=True)
-        edited_hash, _ = weights_sha256(staging)
-        manifest["edited_model"] = {"weights_sha256": edited_hash}
-        report = render_report(manifest, target)
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        (staging / REPORT_NAME).write_text(report, encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return report
+from guard.edited_model import (
+    WEIGHT_SUFFIXES,
+    build_manifest,
+    check_out_folder,
+    load_pipeline,
+    pipeline_folder,
+    weights_sha256,
+    write_edited_model,
+)
+from guard.errors import PolicyError, WeightEditError
+from guard.methods.uce import apply_edit, plan_from_policy
+from guard.policy import load_policy
 
 
 def edit(
@@ -197,25 +38,21 @@ def edit(
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")] = False,
 ) -> None:
     """Erase policy concepts from a Stable Diffusion pipeline's weights (UCE + RECE) and save the edited pipeline."""
-    from guard.errors import WeightEditError
-    from guard.methods.uce import apply_edit, plan_from_policy
-
     try:
         policy = load_policy(policy_file)
         plan = plan_from_policy(policy, concept or ())
     except (PolicyError, WeightEditError) as err:
         raise fail(str(err)) from None
-    source, pipeline_class = pipeline_folder(model)
-    target = check_output(source, out, force)
-
-    console.print(f"hashing the source weights in {source}")
-    source_hash, source_files = weights_sha256(source)
-    if not source_files:
-        raise fail(f"{source} contains no weight files ({', '.join(WEIGHT_SUFFIXES)})")
-    console.print(f"loading {pipeline_class} from {source}")
-    pipe = load_pipeline(source)
-    console.print(f"erasing {', '.join(c.concept_id for c in plan.concepts)} with {plan.method}")
     try:
+        source, pipeline_class = pipeline_folder(model)
+        target = check_out_folder(source, out, force)
+        console.print(f"hashing the source weights in {source}")
+        source_hash, source_files = weights_sha256(source)
+        if not source_files:
+            raise WeightEditError(f"{source} contains no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+        console.print(f"loading {pipeline_class} from {source}")
+        pipe = load_pipeline(source)
+        console.print(f"erasing {', '.join(c.concept_id for c in plan.concepts)} with {plan.method}")
         result = apply_edit(pipe, plan, progress=True)
     except WeightEditError as err:
         raise fail(str(err)) from None
