@@ -1,0 +1,1 @@
+"""The image request path: a policy installed on a diffusers Stable Diffusion pipeline."""

@@ -1,0 +1,1 @@
+"""GUARD-style decoding penalties: compiled tables plus their transformers, vLLM and logit_bias adapters."""
