@@ -43,7 +43,7 @@ class PolicyClassifier(Detector):
             self.encoder = load_sentence_encoder(policy.models.embedding)
         except ModelError as err:
             raise DetectorError(str(err)) from err
-        self._query_cache = query_cache
+        self.query_cache = query_cache
         thresholds = {c.id: c.detection.semantic_threshold for c in policy.concepts}
         self.aliases = AliasDetector({c.id: c.aliases for c in policy.concepts if c.detection.aliases}, thresholds)
         # The description is a positive exemplar too: a concept defined only by name and description still works.
@@ -63,9 +63,9 @@ class PolicyClassifier(Detector):
             return self._detect(texts)
 
     def detect_each(self, texts: Sequence[str]) -> list[Classification]:
-        if self._query_cache is not None:  # one forward pass for the batch; each text then reads the cache
+        if self.query_cache is not None:  # one forward pass for the batch; each text then reads the cache
             with _fail_closed():
-                self._query_cache.encode([piece for text in texts for piece in split_pieces([text])])
+                self.query_cache.encode([piece for text in texts for piece in split_pieces([text])])
         return [self.detect([text]) for text in texts]
 
     def _detect(self, texts: Sequence[str]) -> Classification:
