@@ -1,7 +1,7 @@
 """How does request classification latency grow with the number of policy concepts?
 
 Builds policies of 10 … 10,000 concepts (the default policy's real concepts plus synthetic ones with
-unique made-up aliases) and times ``PolicyClassifier.classify`` — the real query path: alias regex
+unique made-up aliases) and times ``PolicyClassifier.detect`` — the real query path: alias regex
 pass, MiniLM encoding of the request, faiss search, negative veto. Encoding ~60,000 synthetic
 exemplars would take many minutes on a CPU and says nothing about query cost, so synthetic exemplars
 get random unit vectors placed straight into the index (``exemplar_vectors``); the real concepts are
@@ -100,13 +100,13 @@ def measure(total: int, repeats: int) -> dict[str, Any]:
         queries.append(alias_query)
         expected[alias_query] = target.id
     for query in queries:  # warm-up: first encoder call allocates
-        classifier.classify([query])
+        classifier.detect([query])
     latencies: list[float] = []
     correct = True
     for _ in range(repeats):
         for query in queries:
             started = time.perf_counter()
-            result = classifier.classify([query])
+            result = classifier.detect([query])
             latencies.append(time.perf_counter() - started)
             flagged = result.flagged_ids
             if query in expected:

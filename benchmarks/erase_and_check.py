@@ -42,8 +42,9 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from detectors.encoder import CachedEncoder  # noqa: E402
 from detectors.harmful import SAFE_PROMPTS, HarmfulHead, HarmfulRequestClassifier, read_prompts  # noqa: E402
-from guard.certification import (CachedEncoder, Certificate, EraseAndCheck, TokenizedPrompt, backend_tokenizer)  # noqa: E402
+from guard.certification import Certificate, EraseAndCheck, TokenizedPrompt, backend_tokenizer  # noqa: E402
 from guard.models import load_sentence_encoder  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "erase_and_check.json"
@@ -60,7 +61,7 @@ class Bench:
         self.tokenizer = backend_tokenizer(self.encoder)
         self.rng = np.random.default_rng(seed)
         self.seed = seed
-        self.classifier.is_harmful_batch(self.safe[:8])  # warm up the encoder before timing anything
+        self.classifier.detect_each(self.safe[:8])  # warm up the encoder before timing anything
 
     def checker(self, **settings: Any) -> EraseAndCheck:
         return EraseAndCheck(self.classifier, self.tokenizer, seed=self.seed, **settings)

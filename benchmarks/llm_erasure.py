@@ -92,8 +92,8 @@ def _leaks(answer: Answer, aliases: AliasDetector, facts: AliasDetector | None) 
     """(names the concept, states a fact); a refusal or blocked answer carries the policy message, not the model's."""
     if answer.finish_reason in ("content_filter", "refused"):
         return False, False
-    named = bool(aliases.find(answer.text))
-    return named, named or bool(facts and facts.find(answer.text))
+    named = bool(aliases.detect([answer.text]).flagged)
+    return named, named or bool(facts and facts.detect([answer.text]).flagged)
 
 
 def _near_miss(text: str, aliases: Sequence[str]) -> str | None:

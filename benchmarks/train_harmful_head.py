@@ -41,7 +41,8 @@ from detectors.harmful import (  # noqa: E402
     prompts_digest,
     read_prompts,
 )
-from guard.certification import CachedEncoder, TokenizedPrompt, backend_tokenizer  # noqa: E402
+from detectors.encoder import CachedEncoder  # noqa: E402
+from guard.certification import TokenizedPrompt, backend_tokenizer  # noqa: E402
 from guard.models import load_sentence_encoder  # noqa: E402
 
 ENCODER = "embedded:minilm"

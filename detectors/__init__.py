@@ -1,4 +1,5 @@
 """Detectors: which policy concepts a text (or an image) touches, with scored evidence.
 
-They depend only on the ground floor (:mod:`guard.policy`, :mod:`guard.models`, :mod:`guard.errors`).
+Every text detector implements :class:`detectors.base.Detector`. They depend only on the ground floor
+(:mod:`guard.policy`, :mod:`guard.models`, :mod:`guard.errors`).
 """

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from detectors.base import Classification, ConceptScore, Detector
 
 # Look-alike letters from other scripts, folded onto Latin.
 _HOMOGLYPHS = str.maketrans({
@@ -70,7 +73,7 @@ class AliasHit:
     matched: str  # the canonical text span that matched
 
 
-class AliasDetector:
+class AliasDetector(Detector):
     """Finds every alias of every concept with hash lookups, so cost grows with the text, not the alias count.
 
     Spaced matching looks up each run of 1..n consecutive words (n = the longest alias in words), with an
@@ -78,18 +81,23 @@ class AliasDetector:
     long aliases' lengths.
     """
 
-    def __init__(self, aliases: dict[str, list[str]]):
+    name = "alias"
+
+    def __init__(self, aliases: Mapping[str, Sequence[str]], thresholds: Mapping[str, float] | None = None):
+        """A hit is certain, so it scores 1.0 (a perfect match). ``thresholds`` puts it on another detector's
+        scale per concept (the policy passes its semantic thresholds, all at most 1.0); the default is 1.0."""
+        self._thresholds = dict(thresholds or {})
         self._spaced: dict[str, list[tuple[str, str]]] = {}
         self._squashed: dict[str, list[tuple[str, str]]] = {}
         for concept_id, names in aliases.items():
-            for name in names:
-                for form in canonical_forms(name):
+            for alias in names:
+                for form in canonical_forms(alias):
                     if not form:
                         continue
-                    self._spaced.setdefault(form, []).append((concept_id, name))
+                    self._spaced.setdefault(form, []).append((concept_id, alias))
                     squashed = form.replace(" ", "")
                     if len(squashed) >= MIN_SQUASHED_LENGTH:
-                        self._squashed.setdefault(squashed, []).append((concept_id, name))
+                        self._squashed.setdefault(squashed, []).append((concept_id, alias))
         self._max_words = max((form.count(" ") + 1 for form in self._spaced), default=0)
         self._squashed_lengths = sorted({len(form) for form in self._squashed})
 
@@ -110,7 +118,18 @@ class AliasDetector:
         return [text[i:i + n] for n in self._squashed_lengths for i in range(len(text) - n + 1)
                 if text[i:i + n] in self._squashed]
 
+    def detect(self, texts: Sequence[str]) -> Classification:
+        """Aliases anywhere in the request's texts, read as one text; one score per concept (its first hit)."""
+        scores: dict[str, ConceptScore] = {}
+        for hit in self.find("\n".join(texts)):
+            if hit.concept_id not in scores:
+                scores[hit.concept_id] = ConceptScore(
+                    concept_id=hit.concept_id, score=1.0, threshold=self._thresholds.get(hit.concept_id, 1.0),
+                    flagged=True, detector=self.name, evidence=f"alias '{hit.alias}' matched '{hit.matched}'")
+        return Classification(list(scores.values()))
+
     def find(self, text: str) -> list[AliasHit]:
+        """Every (concept, alias) pair found in ``text``, each once, with the span that matched."""
         hits: dict[tuple[str, str], AliasHit] = {}
         for form in canonical_forms(text):
             for owner, matches in ((self._spaced, self._spaced_matches(form)),

@@ -1,6 +1,6 @@
 """Harmful-request classifier: a logistic-regression head on MiniLM sentence embeddings.
 
-It is the shipped filter for erase-and-check (:mod:`guard.certification`), standing in for the paper's DistilBERT
+It reports one pseudo-concept, ``harmful``, whatever concepts the policy lists. It is the shipped filter for erase-and-check (:mod:`guard.certification`), standing in for the paper's DistilBERT
 classifier: it runs in milliseconds on a CPU, and the embedding pass it needs is shared with the policy's
 semantic detector. The head (``guard/data/harmful_head.npz``, a few KB) is trained by
 ``benchmarks/train_harmful_head.py`` on the erase-and-check training prompts (Kumar et al., MIT license,
@@ -15,10 +15,11 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
+from detectors.base import Classification, ConceptScore, Detector, clip
+from detectors.encoder import Encoder
 from guard.errors import DetectorError, ModelError
 from guard.models import load_sentence_encoder
 
@@ -27,11 +28,6 @@ HEAD_FILE = DATA_DIR / "harmful_head.npz"
 TRAINING_DATA_DIR = DATA_DIR / "erase-and-check"
 HARMFUL_PROMPTS = "harmful_prompts_train.txt"
 SAFE_PROMPTS = "safe_prompts_train.txt"
-
-
-class Encoder(Protocol):
-    def encode(self, sentences: Sequence[str], batch_size: int = ..., convert_to_numpy: bool = ...,
-               normalize_embeddings: bool = ..., show_progress_bar: bool = ...) -> np.ndarray: ...
 
 
 def read_prompts(name: str) -> list[str]:
@@ -89,10 +85,12 @@ class HarmfulHead:
         return [harmful[i] for i in self.held_out_harmful], [safe[i] for i in self.held_out_safe]
 
 
-class HarmfulRequestClassifier:
-    """Says whether requests ask for harmful help, whatever concepts the policy lists."""
+class HarmfulRequestClassifier(Detector):
+    """Says whether requests ask for harmful help: the pseudo-concept ``harmful`` scores the head's logit against
+    its threshold, and is flagged strictly above it."""
 
     name = "harmful_classifier"
+    concept_id = "harmful"
 
     def __init__(self, head: HarmfulHead, encoder: Encoder | None = None):
         self.head = head
@@ -117,9 +115,14 @@ class HarmfulRequestClassifier:
                                 f"from {self.head.encoder}, got {vectors.shape[1]}")
         return vectors @ self.head.weight + self.head.bias
 
-    def harmful_scores(self, prompts: Sequence[str]) -> list[float]:
-        """Logit margin over the threshold: > 0 exactly when the prompt is harmful."""
-        return (self.logits(prompts) - self.head.threshold).tolist()
+    def detect(self, texts: Sequence[str]) -> Classification:
+        """The request's most harmful-looking text (each text is scored on its own)."""
+        return max(self.detect_each(texts), key=lambda c: c.scores[0].score, default=Classification())
 
-    def is_harmful_batch(self, prompts: Sequence[str]) -> list[bool]:
-        return [score > 0 for score in self.harmful_scores(prompts)]
+    def detect_each(self, texts: Sequence[str]) -> list[Classification]:
+        """One embedding pass for the whole batch."""
+        threshold = self.head.threshold
+        return [Classification([ConceptScore(concept_id=self.concept_id, score=logit, threshold=threshold,
+                                             flagged=logit > threshold, detector=self.name,
+                                             evidence=f"'{clip(text)}' scores logit {logit:.3f}")])
+                for text, logit in zip(texts, self.logits(texts).tolist())]

@@ -4,6 +4,9 @@ Why an image check at all: Semantic Surgery reads concepts off the prompt, and a
 naming it ("latent concept persistence"). Scoring the generated image closes that gap; the guard then regenerates
 with the concept erased (the paper's visual feedback) or refuses. Open-NSFW's score is the probability that an
 image is pornographic; Yahoo's own guidance treats < 0.2 as safe and > 0.8 as unsafe.
+
+It is not a :class:`detectors.base.Detector`: it reads pixels, not texts, and knows no policy concepts (one
+score per image, no evidence to quote), so it reports plain scores that the diffusion path turns into feedback.
 """
 
 from __future__ import annotations

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import faiss
 import numpy as np
 
-if TYPE_CHECKING:
-    from sentence_transformers import SentenceTransformer
+from detectors.base import Classification, ConceptScore, Detector, clip
+from detectors.encoder import Encoder
 
 # Above this many vectors an approximate HNSW index keeps queries fast; below it exact search is cheap.
 HNSW_MIN_VECTORS = 20_000
@@ -67,12 +67,23 @@ def split_pieces(texts: Sequence[str], max_pieces: int = 64) -> list[str]:
     return list(dict.fromkeys(pieces))[:max_pieces]
 
 
-class SemanticDetector:
-    def __init__(self, encoder: "SentenceTransformer", positives: dict[str, list[str]], negatives: dict[str, list[str]],
-                 top_k: int = 256, show_progress: bool = False, vectors: Mapping[str, np.ndarray] | None = None):
+class SemanticDetector(Detector):
+    """Flags a concept when a piece of the request is at least ``thresholds[concept]`` similar (cosine) to one
+    of its exemplars, unless a negative exemplar of the concept is closer by more than its negative margin."""
+
+    name = "semantic"
+
+    def __init__(self, encoder: Encoder, positives: dict[str, list[str]], negatives: dict[str, list[str]],
+                 thresholds: Mapping[str, float], negative_margins: Mapping[str, float], top_k: int = 256,
+                 show_progress: bool = False, vectors: Mapping[str, np.ndarray] | None = None,
+                 query_encoder: Encoder | None = None):
         """``vectors`` holds precomputed unit embeddings for some exemplar texts (a concept library embedded
-        offline); every other exemplar is encoded here. Queries are always encoded with ``encoder``."""
+        offline); every other exemplar is encoded with ``encoder``. Queries are encoded with ``query_encoder``
+        (a shared cache, see :class:`detectors.encoder.CachedEncoder`) when given, else with ``encoder``."""
         self.encoder = encoder
+        self.query_encoder = query_encoder or encoder
+        self.thresholds = dict(thresholds)
+        self.negative_margins = dict(negative_margins)
         self._precomputed = vectors or {}
         self.concept_ids = list(positives)
         self.top_k = top_k
@@ -88,7 +99,7 @@ class SemanticDetector:
                 texts.append(item)
                 labels.append(position[concept_id])
         missing = list(dict.fromkeys(t for t in texts if t not in self._precomputed))
-        encoded = dict(zip(missing, self.embed(missing, show_progress=show_progress)))
+        encoded = dict(zip(missing, self._embed(self.encoder, missing, show_progress)))
         dim = self.encoder.get_embedding_dimension()
         vectors = np.zeros((len(texts), dim), np.float32)
         for row, text in enumerate(texts):
@@ -98,20 +109,34 @@ class SemanticDetector:
             vectors[row] = vector
         return _LabelledIndex(vectors, labels, texts)
 
-    def embed(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
+    def _embed(self, encoder: Encoder, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
         dim = self.encoder.get_embedding_dimension()
         if not texts:
             return np.zeros((0, dim), np.float32)
-        vectors = self.encoder.encode(list(texts), batch_size=64, convert_to_numpy=True, normalize_embeddings=True,
-                                      show_progress_bar=show_progress)
+        vectors = encoder.encode(list(texts), batch_size=64, convert_to_numpy=True, normalize_embeddings=True,
+                                 show_progress_bar=show_progress)
         return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def detect(self, texts: Sequence[str]) -> Classification:
+        """The closest exemplar of every concept near the request, flagged or not, strongest first."""
+        scores = []
+        for hit in self.search(texts):
+            vetoed = hit.negative_score > hit.score + self.negative_margins[hit.concept_id]
+            threshold = self.thresholds[hit.concept_id]
+            evidence = f"'{clip(hit.piece)}' ~ exemplar '{clip(hit.exemplar)}'"
+            if vetoed:
+                evidence += f"; closer to negative '{clip(hit.negative)}' ({hit.negative_score:.3f})"
+            scores.append(ConceptScore(concept_id=hit.concept_id, score=hit.score, threshold=threshold,
+                                       flagged=hit.score >= threshold and not vetoed, detector=self.name,
+                                       evidence=evidence))
+        return Classification(sorted(scores, key=lambda s: (not s.flagged, -s.score)))
 
     def search(self, texts: Sequence[str]) -> list[SemanticHit]:
         """Best positive (and competing negative) exemplar per concept among the nearest neighbours."""
         pieces = split_pieces(texts)
         if not pieces:
             return []
-        queries = self.embed(pieces)
+        queries = self._embed(self.query_encoder, pieces)
         best: dict[int, tuple[float, int, int]] = {}  # concept -> (score, exemplar row, piece row)
         scores, rows = self._positive.search(queries, self.top_k)
         for p, (piece_scores, piece_rows) in enumerate(zip(scores, rows)):

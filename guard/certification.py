@@ -13,8 +13,9 @@ infusion: identical except for whitespace at the seams, which the WordPiece toke
 that glues characters onto P's last word changes P's own tokens and is outside the threat model, as in
 the paper.
 
-Versions are deduplicated by text and classified in batches in which every filter shares one embedding
-pass (:class:`CachedEncoder`), so certifying costs about one batched forward pass per prompt.
+The filter is any :class:`detectors.base.Detector`: a version is harmful iff the detector flags anything in it.
+Versions are deduplicated by text and classified in batches in which every detector shares one embedding
+pass (:class:`detectors.encoder.CachedEncoder`), so certifying costs about one batched forward pass per prompt.
 """
 
 from __future__ import annotations
@@ -23,25 +24,24 @@ import hashlib
 import itertools
 import math
 import random
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import ValidationError
 
+from detectors.base import Classification, CombinedDetector, Detector
+from detectors.classifier import PolicyClassifier
+from detectors.encoder import CachedEncoder
+from detectors.harmful import HarmfulHead, HarmfulRequestClassifier
 from guard.errors import CertifyError
 from guard.models import load_sentence_encoder
 from guard.policy import CertifySettings, Policy
 
 if TYPE_CHECKING:
-    from sentence_transformers import SentenceTransformer
     from tokenizers import Tokenizer
-
-    from detectors.base import Classification
 
 Mode = Literal["suffix", "insertion", "infusion"]
 Variant = Literal["exact", "randomized", "greedy"]
@@ -56,148 +56,34 @@ MAX_SUBSEQUENCES = 100_000
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Filters
+# Filters: any Detector; a prompt is harmful iff the detector flags anything in it
 
 
-@runtime_checkable
-class Filter(Protocol):
-    """Anything that says which of a batch of prompts are harmful. Plug your own in."""
-
-    name: str
-
-    def is_harmful_batch(self, prompts: Sequence[str]) -> list[bool]: ...
-
-
-@runtime_checkable
-class ScoringFilter(Filter, Protocol):
-    """A filter that also grades prompts: score > 0 exactly when the prompt is harmful.
-
-    GreedyEC needs the grade to decide which token to erase next.
-    """
-
-    def harmful_scores(self, prompts: Sequence[str]) -> list[float]: ...
-
-
-class CachedEncoder:
-    """A SentenceTransformer stand-in that remembers recent vectors.
-
-    All filters of one certifier embed through the same instance, and each batch is prefetched in one
-    forward pass, so the policy detectors and the harmful head never embed the same erased version twice.
-    ``capacity=0`` remembers nothing between calls (benchmarks use it so every prompt pays its own way).
-    """
-
-    def __init__(self, encoder: SentenceTransformer, capacity: int = 16_384):
-        self.encoder = encoder
-        self.capacity = capacity
-        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-
-    @property
-    def tokenizer(self):  # noqa: ANN201 - the wrapped encoder's tokenizer
-        return self.encoder.tokenizer
-
-    def get_embedding_dimension(self) -> int:
-        return int(self.encoder.get_embedding_dimension())
-
-    def clear(self) -> None:
-        """Forget every vector, so the next prompt pays for its own embeddings (benchmarks of a fresh prompt)."""
-        with self._lock:
-            self._vectors.clear()
-
-    def encode(self, sentences: Sequence[str], batch_size: int = 64, convert_to_numpy: bool = True,
-               normalize_embeddings: bool = True, show_progress_bar: bool = False) -> np.ndarray:
-        """Unit-length float32 vectors, one row per sentence; only unseen sentences reach the model."""
-        if not (convert_to_numpy and normalize_embeddings):
-            raise CertifyError("the shared certification encoder only returns normalised numpy vectors")
-        sentences = list(sentences)
-        with self._lock:
-            missing = list(dict.fromkeys(s for s in sentences if s not in self._vectors))
-            if missing:
-                fresh = self.encoder.encode(missing, batch_size=batch_size, convert_to_numpy=True,
-                                            normalize_embeddings=True, show_progress_bar=show_progress_bar)
-                for sentence, vector in zip(missing, np.asarray(fresh, dtype=np.float32)):
-                    self._vectors[sentence] = vector
-            for sentence in sentences:
-                self._vectors.move_to_end(sentence)
-            rows = [self._vectors[s] for s in sentences]
-            while len(self._vectors) > self.capacity:
-                self._vectors.popitem(last=False)
-        if not rows:
-            return np.zeros((0, self.get_embedding_dimension()), np.float32)
-        return np.ascontiguousarray(np.stack(rows), dtype=np.float32)
-
-
-def _margin(classification: Classification, thresholds: dict[str, float]) -> float:
-    """> 0 iff a concept is flagged; otherwise how far the closest concept is below its threshold."""
+def _greedy_grade(classification: Classification) -> float:
+    """How harmful a version looks to GreedyEC: > 0 iff anything is flagged (then 1 + the best flagged margin),
+    otherwise the best margin, kept below zero (a vetoed concept can sit above its threshold)."""
     if classification.flagged:
-        return 1.0 + max(s.score - thresholds[s.concept_id] for s in classification.flagged)
-    if not classification.scores:
-        return -1.0
-    # A vetoed concept (closer to a negative exemplar) can sit above its threshold: keep it just below zero.
-    return max(min(s.score - thresholds[s.concept_id], -1e-6) for s in classification.scores)
+        return 1.0 + max(s.margin for s in classification.flagged)
+    return max((min(s.margin, -1e-6) for s in classification.scores), default=-1.0)
 
 
-class PolicyFilter:
-    """The policy's own detectors as an erase-and-check filter: harmful iff any concept is flagged."""
-
-    name = "policy"
-
-    def __init__(self, policy: Policy, encoder: CachedEncoder):
-        from detectors.classifier import PolicyClassifier
-
-        self.encoder = encoder
-        self.classifier = PolicyClassifier(policy)
-        # This classifier is ours alone: route its embeddings through the shared cache so a batch of erased
-        # versions costs one forward pass instead of one per version.
-        self.classifier.semantic.encoder = encoder
-        self._thresholds = {c.id: c.detection.semantic_threshold for c in policy.concepts}
-
-    def harmful_scores(self, prompts: Sequence[str]) -> list[float]:
-        from detectors.semantic import split_pieces
-
-        self.encoder.encode([piece for prompt in prompts for piece in split_pieces([prompt])])
-        return [_margin(self.classifier.classify([prompt]), self._thresholds) for prompt in prompts]
-
-    def is_harmful_batch(self, prompts: Sequence[str]) -> list[bool]:
-        return [score > 0 for score in self.harmful_scores(prompts)]
-
-
-class EitherFilter:
-    """Harmful if any of the filters says so (the policy's ``filter: both``)."""
-
-    def __init__(self, filters: Sequence[ScoringFilter], name: str = "both"):
-        if not filters:
-            raise CertifyError("EitherFilter needs at least one filter")
-        self.filters = list(filters)
-        self.name = name
-
-    def harmful_scores(self, prompts: Sequence[str]) -> list[float]:
-        columns = [f.harmful_scores(prompts) for f in self.filters]
-        return [max(row) for row in zip(*columns)]
-
-    def is_harmful_batch(self, prompts: Sequence[str]) -> list[bool]:
-        return [score > 0 for score in self.harmful_scores(prompts)]
-
-
-def build_filter(policy: Policy, name: FilterName) -> tuple[ScoringFilter, CachedEncoder]:
-    """The filter named by ``policy.certify.filter``, plus the shared encoder whose tokenizer defines tokens."""
-    from detectors.harmful import HarmfulHead, HarmfulRequestClassifier
-
+def build_filter(policy: Policy, name: FilterName) -> tuple[Detector, CachedEncoder]:
+    """The detector named by ``policy.certify.filter``, plus the shared encoder whose tokenizer defines tokens."""
     if name not in FILTERS:
         raise CertifyError(f"unknown filter '{name}' (known: {', '.join(FILTERS)})")
     if name == "policy":
         encoder = CachedEncoder(load_sentence_encoder(policy.models.embedding))
-        return PolicyFilter(policy, encoder), encoder
+        return PolicyClassifier(policy, query_cache=encoder), encoder
     head = HarmfulHead.load()
     encoder = CachedEncoder(load_sentence_encoder(head.encoder))
     harmful = HarmfulRequestClassifier(head, encoder)
     if name == "harmful_classifier":
         return harmful, encoder
-    # Erasure works on the head's tokens; both filters read the same erased texts and share one embedding
+    # Erasure works on the head's tokens; both detectors read the same erased texts and share one embedding
     # pass when the policy embeds with the head's encoder (the default).
     policy_encoder = encoder if policy.models.embedding == head.encoder else CachedEncoder(
         load_sentence_encoder(policy.models.embedding))
-    return EitherFilter([PolicyFilter(policy, policy_encoder), harmful]), encoder
+    return CombinedDetector([PolicyClassifier(policy, query_cache=policy_encoder), harmful], name="both"), encoder
 
 
 def backend_tokenizer(encoder: CachedEncoder) -> Tokenizer:
@@ -362,7 +248,7 @@ class Certificate:
 class EraseAndCheck:
     """Certifies prompts against one filter with fixed settings; reusable and safe to share between threads."""
 
-    def __init__(self, filter: Filter, tokenizer: Tokenizer, mode: Mode = "suffix", max_erase: int = 10,
+    def __init__(self, filter: Detector, tokenizer: Tokenizer, mode: Mode = "suffix", max_erase: int = 10,
                  max_insertions: int = 1, variant: Variant = "exact", sample_fraction: float = 0.2, seed: int = 0,
                  batch_size: int = 128):
         if mode not in MODES:
@@ -373,8 +259,9 @@ class EraseAndCheck:
             raise CertifyError("max_erase must be ≥ 0, max_insertions ≥ 1 and batch_size ≥ 1")
         if not 0.0 <= sample_fraction <= 1.0:
             raise CertifyError("sample_fraction must be between 0 and 1")
-        if variant == "greedy" and not isinstance(filter, ScoringFilter):
-            raise CertifyError(f"the greedy variant needs a filter with harmful_scores(); '{filter.name}' has none")
+        if not isinstance(filter, Detector):
+            raise CertifyError(f"the filter must be a Detector (name, detect, detect_each); "
+                               f"{type(filter).__name__} is not")
         self.filter = filter
         self.tokenizer = tokenizer
         self.mode = mode
@@ -432,13 +319,13 @@ class EraseAndCheck:
         checked = 0
         for first in range(0, len(versions), self.batch_size):
             batch = versions[first:first + self.batch_size]
-            verdicts = self.filter.is_harmful_batch([text for text, _ in batch])
+            verdicts = self.filter.detect_each([text for text, _ in batch])
             if len(verdicts) != len(batch):
                 raise CertifyError(f"filter '{self.filter.name}' returned {len(verdicts)} verdicts "
                                    f"for {len(batch)} prompts")
             checked += len(batch)
-            for (text, erased), harmful in zip(batch, verdicts):
-                if harmful:
+            for (text, erased), verdict in zip(batch, verdicts):
+                if verdict.flagged:
                     return self._certificate(tokenized, True, len(versions), checked, text, erased, started)
         return self._certificate(tokenized, False, len(versions), checked, None, None, started)
 
@@ -453,12 +340,11 @@ class EraseAndCheck:
 
     def _greedy(self, tokenized: TokenizedPrompt, started: float) -> Certificate:
         """GreedyEC: for up to d rounds, erase the one token whose erasure makes the prompt look most harmful."""
-        scorer: ScoringFilter = self.filter  # type: ignore[assignment] - checked in __init__
         frontier: dict[str, list[int]] = {tokenized.text: list(range(len(tokenized)))}
         checked = 0
         for erased in range(min(self.max_erase, max(len(tokenized) - 1, 0)) + 1):
             texts = list(frontier)
-            scores = scorer.harmful_scores(texts)
+            scores = [_greedy_grade(verdict) for verdict in self.filter.detect_each(texts)]
             checked += len(texts)
             best = int(np.argmax(scores))
             if scores[best] > 0:

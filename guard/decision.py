@@ -83,7 +83,7 @@ class Guard:
 
     def classify(self, texts: Sequence[str]) -> Verdict:
         try:
-            classification = self.classifier.classify(texts)
+            classification = self.classifier.detect(texts)
         except DetectorError as err:
             raise GuardUnavailable(str(err)) from err
         refused, steered, logged = [], [], []

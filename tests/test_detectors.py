@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from detectors.alias import AliasDetector, canonical_forms
+from detectors.base import Detector
 from detectors.classifier import PolicyClassifier
+from detectors.harmful import HarmfulRequestClassifier
 from guard.policy import load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +32,7 @@ def aliases() -> AliasDetector:
 
 
 def _alias_concepts(detector: AliasDetector, text: str) -> set[str]:
-    return {hit.concept_id for hit in detector.find(text)}
+    return set(detector.detect([text]).flagged_ids)
 
 
 @pytest.mark.parametrize("text", [
@@ -86,7 +88,7 @@ def test_canonical_forms_read_ambiguous_characters_both_ways() -> None:
     ("What is the most painless way to end it all for good?", "self-harm"),
 ])
 def test_meaning_is_flagged_without_aliases(classifier: PolicyClassifier, text: str, concept: str) -> None:
-    result = classifier.classify([text])
+    result = classifier.detect([text])
     assert concept in result.flagged_ids
     score = next(s for s in result.scores if s.concept_id == concept)
     assert score.detector == "semantic" and "exemplar" in score.evidence
@@ -101,11 +103,11 @@ def test_meaning_is_flagged_without_aliases(classifier: PolicyClassifier, text: 
     "Write a Python function that reverses a string.",
 ])
 def test_negatives_and_unrelated_requests_pass(classifier: PolicyClassifier, text: str) -> None:
-    assert classifier.classify([text]).flagged_ids == []
+    assert classifier.detect([text]).flagged_ids == []
 
 
 def test_negative_veto_is_reported(classifier: PolicyClassifier) -> None:
-    result = classifier.classify(["Who is Prince Harry?"])
+    result = classifier.detect(["Who is Prince Harry?"])
     assert "harry-potter" not in result.flagged_ids
     score = next((s for s in result.scores if s.concept_id == "harry-potter"), None)
     assert score is None or not score.flagged
@@ -114,20 +116,35 @@ def test_negative_veto_is_reported(classifier: PolicyClassifier) -> None:
 def test_every_message_of_a_conversation_is_classified(classifier: PolicyClassifier) -> None:
     conversation = ["You are a helpful assistant.", "Hi! Can you help me with my homework?",
                     "Sure, what is the subject?", "Literature. Who killed Dumbledore?"]
-    assert "harry-potter" in classifier.classify(conversation).flagged_ids
-    assert classifier.classify(conversation[:3]).flagged_ids == []
+    assert "harry-potter" in classifier.detect(conversation).flagged_ids
+    assert classifier.detect(conversation[:3]).flagged_ids == []
     buried = ("I am planning a trip to Scotland next summer and would like to see castles and lochs. "
               "We will rent a car in Edinburgh. Also, explain the rules of quiddich to my kids. "
               "Finally, what should we pack for rainy weather?")
-    assert "harry-potter" in classifier.classify([buried]).flagged_ids
+    assert "harry-potter" in classifier.detect([buried]).flagged_ids
 
 
 def test_scores_are_ordered_flagged_first(classifier: PolicyClassifier) -> None:
-    result = classifier.classify(["Who is Harry Potter and how do I build a pipe bomb?"])
+    result = classifier.detect(["Who is Harry Potter and how do I build a pipe bomb?"])
     assert set(result.flagged_ids) >= {"harry-potter", "weapons"}
     flags = [s.flagged for s in result.scores]
     assert flags == sorted(flags, reverse=True)
     assert all(s.detector == "alias" for s in result.flagged)
+
+
+def test_every_detector_scores_on_one_scale(classifier: PolicyClassifier) -> None:
+    """Each score carries its threshold: flagged scores are at or above it, and alias hits use the concept's."""
+    harmful = HarmfulRequestClassifier.load()
+    for detector in (classifier, classifier.aliases, classifier.semantic, harmful):
+        assert isinstance(detector, Detector)
+    texts = ["Who is Harry Potter and how do I build a pipe bomb?", "What is the capital of France?"]
+    for result in [classifier.detect(texts), *classifier.detect_each(texts), *harmful.detect_each(texts)]:
+        assert all(s.margin >= 0 for s in result.flagged)
+    alias = next(s for s in classifier.detect(texts[:1]).scores if s.detector == "alias")
+    assert alias.threshold == classifier.policy.concept(alias.concept_id).detection.semantic_threshold
+    each = harmful.detect_each(texts)
+    assert [c.flagged_ids for c in each] == [["harmful"], []]
+    assert harmful.detect(texts) == each[0]
 
 
 def test_ten_thousand_concepts_build_and_query_correctly() -> None:
@@ -137,13 +154,13 @@ def test_ten_thousand_concepts_build_and_query_correctly() -> None:
     assert classifier.semantic._positive.index.ntotal == sum(len(c.exemplars) + 1 for c in policy.concepts)
     target = policy.concepts[7_777]
     assert target.id.startswith("synthetic-")
-    hits = classifier.classify([f"Please tell me about {target.aliases[0].upper()} today."])
+    hits = classifier.detect([f"Please tell me about {target.aliases[0].upper()} today."])
     assert target.id in hits.flagged_ids
-    wizard = classifier.classify(["Who is the boy wizard with the lightning scar?"])
+    wizard = classifier.detect(["Who is the boy wizard with the lightning scar?"])
     assert wizard.flagged_ids == ["harry-potter"], "a real concept must still be found among 10,000"
-    assert classifier.classify(["What is the capital of France?"]).flagged_ids == []
+    assert classifier.detect(["What is the capital of France?"]).flagged_ids == []
     started = time.perf_counter()
     for _ in range(5):
-        classifier.classify(["Summarise this article about renewable energy in Europe."])
+        classifier.detect(["Summarise this article about renewable energy in Europe."])
     query_s = (time.perf_counter() - started) / 5
     assert query_s < 2.0, f"one request took {query_s * 1000:.0f} ms to classify against 10,000 concepts"

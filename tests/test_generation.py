@@ -72,14 +72,14 @@ def test_flagged_prompt_never_writes_an_alias(guard: Guard, model_and_tokenizer)
                "Who is the headmaster of Hogwarts?"]
     unguarded = generate_chat_batch(None, model, tokenizer, [_chat(p) for p in prompts])
     guarded = generate_chat_batch(guard, model, tokenizer, [_chat(p) for p in prompts])
-    assert all(aliases.find(result.choices[0].text) for result in unguarded), "the model knows the franchise"
+    assert all(aliases.detect([result.choices[0].text]).flagged for result in unguarded), "the model knows the franchise"
     sent = 0
     for prompt, result in zip(prompts, guarded):
         assert result.prompt_decision.penalized == ["harry-potter"], prompt
         choice = result.choices[0]
         if choice.finish_reason != "content_filter":
             sent += 1
-            assert not aliases.find(choice.text), f"{prompt!r} -> {choice.text!r}"
+            assert not aliases.detect([choice.text]).flagged, f"{prompt!r} -> {choice.text!r}"
     assert sent >= 2, "the guard should steer these answers, not block them all"
 
 

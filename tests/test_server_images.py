@@ -232,7 +232,7 @@ def test_adversarial_suffix_is_refused_by_erase_and_check(embedded_server: Runni
 def test_certification_that_cannot_run_fails_closed(embedded_server: RunningServer,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     certifier = embedded_server.app.state.context.guard_state.active.certifier
-    sentence_encoder = certifier.filter.filters[0].encoder.encoder  # under the filters' shared embedding cache
+    sentence_encoder = certifier.filter.detectors[0].query_cache.encoder  # under the detectors' shared embedding cache
 
     def crash(*args: object, **kwargs: object) -> object:
         raise RuntimeError("encoder crashed")

@@ -41,7 +41,7 @@ def explain(file: PolicyFile,
     try:
         policy = load_policy(file)
         classifier = PolicyClassifier(policy)
-        result = classifier.classify([prompt])
+        result = classifier.detect([prompt])
     except (PolicyError, ModelError, DetectorError) as err:
         raise fail(str(err)) from None
     table = Table(title=f"'{prompt}' against policy '{policy.name}'")
@@ -49,9 +49,8 @@ def explain(file: PolicyFile,
     for column in ("flagged", "score", "threshold", "detector", "evidence"):
         table.add_column(column)
     for score in result.scores:
-        concept = policy.concept(score.concept_id)
         table.add_row(score.concept_id, "[red]yes[/]" if score.flagged else "no", f"{score.score:.3f}",
-                      f"{concept.detection.semantic_threshold:.2f}", score.detector, score.evidence)
+                      f"{score.threshold:.2f}", score.detector, score.evidence)
     console.print(table)
     flagged = result.flagged_ids
     console.print(f"flagged: {', '.join(flagged)}" if flagged else "flagged: none")
