@@ -40,13 +40,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
+from tiny_pipeline import sd15_sized_pipeline, tiny_sd_pipeline  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from guard.methods.adavd import AdaVD, ValueErasure, last_subject_embedding  # noqa: E402
 from guard.images.pipeline import guard_pipeline  # noqa: E402
-from guard.policy import Policy, load_policy  # noqa: E402
+from guard.methods.adavd import AdaVD, ValueErasure, last_subject_embedding  # noqa: E402
 from guard.methods.semantic_surgery import ErasureTarget, SemanticSurgery  # noqa: E402
-from tiny_pipeline import sd15_sized_pipeline, tiny_sd_pipeline  # noqa: E402
+from guard.policy import Policy, load_policy  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "diffusion_overhead.json"
 POLICY = ROOT / "tests" / "policies" / "diffusion_guard.yaml"

@@ -35,12 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from detectors.alias import AliasDetector, canonical_forms  # noqa: E402
-from guard.errors import ConceptRefused  # noqa: E402
 from guard.decision import Guard  # noqa: E402
-from guard.text.generation import ChatRequest, GenerationResult, SamplingSettings, generate_chat_batch  # noqa: E402
+from guard.errors import ConceptRefused  # noqa: E402
+from guard.methods.token_penalty.tables import PenaltyRow  # noqa: E402
+from guard.methods.token_penalty.transformers import TokenPenaltyProcessor  # noqa: E402
 from guard.models import load_language_model  # noqa: E402
 from guard.policy import ActionType, ConceptKind, load_policy  # noqa: E402
-from guard.methods.token_penalty.tables import PenaltyRow  # noqa: E402
+from guard.settle import GenerationResult  # noqa: E402
+from guard.text.generation import SamplingSettings, TextRequest, generate_batch  # noqa: E402
 
 NEAR_MISS_SIMILARITY = 0.75
 
@@ -68,10 +70,10 @@ def _run(guard: Guard, model: Any, tokenizer: Any, prompts: Sequence[str], setti
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("unguarded + guarded", total=len(prompts))
         for start in range(0, len(prompts), batch_size):
-            batch = [ChatRequest([{"role": "user", "content": p}], settings) for p in prompts[start:start + batch_size]]
+            batch = [TextRequest.chat([{"role": "user", "content": p}], settings) for p in prompts[start:start + batch_size]]
             for label, which, answers in (("unguarded", None, unguarded), ("guarded", guard, guarded)):
                 started = time.perf_counter()
-                outcomes = generate_chat_batch(which, model, tokenizer, batch)
+                outcomes = generate_batch(which, model, tokenizer, batch)
                 times[label] += time.perf_counter() - started
                 for outcome in outcomes:
                     if isinstance(outcome, ConceptRefused):
@@ -129,7 +131,7 @@ def decode_overhead(guard: Guard, model: Any, tokenizer: Any, prompts: Sequence[
     attention_mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
     runs: dict[str, list[float]] = {"plain": [], "penalised": []}
     for label in ("plain", "penalised", "plain", "penalised"):
-        processors = [penalties.processor([PenaltyRow(tuple(concept_ids))] * len(prompts))] if label == "penalised" \
+        processors = [TokenPenaltyProcessor(penalties, [PenaltyRow(tuple(concept_ids))] * len(prompts))] if label == "penalised" \
             else []
         started = time.perf_counter()
         with torch.inference_mode():

@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,11 +39,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
+from conftest import chat_requests  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from tqdm import tqdm  # noqa: E402
-
-from conftest import chat_requests  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "load_test.json"
 POLICY = ROOT / "policies" / "default.yaml"
@@ -183,6 +181,7 @@ def run_load(base_url: str, api_key: str, requests: int, concurrency: int, max_t
 
 def main() -> None:
     from conftest import start_server
+
     from serving.config import ServerSettings
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -9,7 +9,7 @@
 
 Sections (``--sections``; the default is every CPU section, plus ``gpu`` with ``--device cuda``):
 
-* ``decode``: the same chat requests through ``guard.text.generation.generate_chat`` with ``guard=None`` (bare engine)
+* ``decode``: the same chat requests through ``guard.text.generation.generate`` with ``guard=None`` (bare engine)
   and with a Guard on the default policy, embedded SmolLM2, greedy, interleaved request by request (the order
   alternates) so machine noise hits both alike. Requests the policy steers (Harry Potter probes: token penalties,
   output check, regenerations) give the tokens/s ratio, end to end and for decoding alone with every row penalised
@@ -52,20 +52,22 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 import yaml  # noqa: E402
+from classifier_scaling import measure  # noqa: E402
+from llm_erasure import decode_overhead  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, LogitsProcessorList  # noqa: E402
 
-from classifier_scaling import measure  # noqa: E402
 from detectors.harmful import HarmfulHead  # noqa: E402
 from guard.certification import EraseAndCheck, backend_tokenizer, build_filter  # noqa: E402
-from guard.errors import ConceptRefused  # noqa: E402
 from guard.decision import Guard, OutputDecision, PromptDecision  # noqa: E402
-from guard.text.generation import ChatRequest, GenerationResult, SamplingSettings, generate_chat  # noqa: E402
+from guard.errors import ConceptRefused  # noqa: E402
+from guard.methods.token_penalty.tables import PenaltyRow  # noqa: E402
+from guard.methods.token_penalty.transformers import TokenPenaltyProcessor  # noqa: E402
 from guard.models import load_language_model  # noqa: E402
 from guard.policy import ActionType, CertifySettings, Policy, load_policy  # noqa: E402
-from guard.methods.token_penalty.tables import PenaltyRow  # noqa: E402
-from llm_erasure import decode_overhead  # noqa: E402
+from guard.settle import GenerationResult  # noqa: E402
+from guard.text.generation import SamplingSettings, TextRequest, generate  # noqa: E402
 from serving.guard_state import refusal_policy  # noqa: E402
 
 MODEL = "embedded:smollm2"
@@ -160,7 +162,7 @@ def decode_section(guard: TimedGuard, model: Any, tokenizer: Any, profile: dict[
         """Wall time, result, and the time spent in guard checks."""
         guard.check_s = 0.0
         started = time.perf_counter()
-        result = generate_chat(which, model, tokenizer, ChatRequest([{"role": "user", "content": prompt}], settings))
+        result = generate(which, model, tokenizer, TextRequest.chat([{"role": "user", "content": prompt}], settings))
         return time.perf_counter() - started, result, guard.check_s
 
     timed(None, passing[0])  # warm-up: first calls allocate
@@ -290,7 +292,7 @@ def gpu_section(guard: Guard, tokenizer: Any, config_name: str, device: str, con
         input_ids = torch.randint(0, len(tokenizer), (batch, GPU_PROMPT_TOKENS), generator=generator).to(device)
 
         def processor() -> Any:
-            return penalties.processor([PenaltyRow(tuple(concept_ids))] * batch)
+            return TokenPenaltyProcessor(penalties, [PenaltyRow(tuple(concept_ids))] * batch)
 
         # The processor on one step of wide logits: it must touch only ids its tokenizer knows.
         scores = torch.zeros(batch, config.vocab_size, device=device)

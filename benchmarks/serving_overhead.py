@@ -5,11 +5,11 @@
 
 One run measures, interleaved prompt by prompt so machine noise hits every variant alike:
 
-* ``plain``: ``guard.text.generation.generate_chat(None, ...)`` — the model alone, no guard, no HTTP.
+* ``plain``: ``guard.text.generation.generate(None, ...)`` — the model alone, no guard, no HTTP.
 * ``http``: the same request through ``guard serve`` (policies/default.yaml) with the official openai client:
   prompt check, token penalties, output check, JSON and HTTP on top.
 * ``stream``: the same request streamed; time to first content and to the end, against the plain decode's
-  first token (``stream_chat(None, ...)``). The guard holds back a sliding window of text before releasing it.
+  first token (``start_stream(None, ...)``). The guard holds back a sliding window of text before releasing it.
 * ``batched``: the prompts sent concurrently (the server batches them into one decode) vs one after another.
 
 Every ratio divides guarded by unguarded time of the same work in the same run; medians over repetitions.
@@ -37,13 +37,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 import httpx  # noqa: E402
 import openai  # noqa: E402
 import torch  # noqa: E402
+from conftest import start_server  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from conftest import start_server  # noqa: E402
-from guard.text.generation import ChatRequest, SamplingSettings, generate_chat, stream_chat  # noqa: E402
 from guard.models import load_language_model  # noqa: E402
+from guard.text.generation import SamplingSettings, TextRequest, generate, start_stream  # noqa: E402
 from serving.config import ServerSettings  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "serving_overhead.json"
@@ -80,7 +80,7 @@ def main() -> None:
             for prompt in PROMPTS:
                 messages = [{"role": "user", "content": prompt}]
                 start = time.perf_counter()
-                plain = generate_chat(None, model, tokenizer, ChatRequest(messages, settings))
+                plain = generate(None, model, tokenizer, TextRequest.chat(messages, settings))
                 times["plain"].append(time.perf_counter() - start)
                 tokens.append(plain.completion_tokens)
 
@@ -92,7 +92,7 @@ def main() -> None:
                     raise SystemExit(f"guarded and plain answers differ for {prompt!r}: the timing would not compare")
 
                 start = time.perf_counter()
-                plain_stream = stream_chat(None, model, tokenizer, ChatRequest(messages, settings))
+                plain_stream = start_stream(None, model, tokenizer, TextRequest.chat(messages, settings))
                 for delta in plain_stream:
                     if delta.text:
                         times["plain_first"].append(time.perf_counter() - start)

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from detectors.encoder import CachedEncoder  # noqa: E402
 from detectors.harmful import (  # noqa: E402
     HARMFUL_PROMPTS,
     HEAD_FILE,
@@ -41,7 +42,6 @@ from detectors.harmful import (  # noqa: E402
     prompts_digest,
     read_prompts,
 )
-from detectors.encoder import CachedEncoder  # noqa: E402
 from guard.certification import TokenizedPrompt, backend_tokenizer  # noqa: E402
 from guard.models import load_sentence_encoder  # noqa: E402
 

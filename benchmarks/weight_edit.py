@@ -35,10 +35,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
-
-from guard.policy import load_policy  # noqa: E402
-from guard.methods.uce import apply_edit, plan_from_policy  # noqa: E402
 from tiny_pipeline import sd15_sized_pipeline, tiny_sd_pipeline  # noqa: E402
+
+from guard.methods.uce import apply_edit, plan_from_policy  # noqa: E402
+from guard.policy import load_policy  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "weight_edit.json"
 UNRELATED = ("a red car", "a dog on the beach", "mountain landscape", "castle in the forest", "a blue bird",

@@ -93,9 +93,7 @@ class Guard:
         return Verdict(classification, refused, steered, logged)
 
     def refusal_message(self, concept_ids: Sequence[str]) -> str:
-        """The first refused concept's message, naming every concept involved."""
-        template = self.policy.concept(concept_ids[0]).action.message
-        return template.replace("{concepts}", ", ".join(concept_ids))
+        return self.policy.refusal_message(concept_ids)
 
     def check_prompt(self, texts: Sequence[str]) -> PromptDecision:
         """Raise :class:`ConceptRefused` for refused concepts; otherwise say which concepts to erase."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -208,6 +209,12 @@ class Policy(_Strict):
             if concept.id == concept_id:
                 return concept
         raise KeyError(concept_id)
+
+    def refusal_message(self, concept_ids: Sequence[str]) -> str:
+        """What a refused or blocked request says, on every path (text, stream, images): the first concept's
+        ``action.message`` with ``{concepts}`` naming every concept involved."""
+        template = self.concept(concept_ids[0]).action.message
+        return template.replace("{concepts}", ", ".join(concept_ids))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,9 +23,10 @@ from guard.certification import Certificate
 from guard.decision import Guard
 from guard.errors import ConceptRefused, GuardUnavailable, TokenPenaltyError
 from guard.policy import Policy
-from guard.text.generation import GenerationResult, SamplingSettings
+from guard.settle import GenerationResult
+from guard.text.generation import SamplingSettings, TextRequest
 from serving.config import ServerSettings
-from serving.engines.base import Engine, EngineRequest, EngineStream
+from serving.engines.base import Engine, EngineStream
 from serving.errors import (
     OpenAIError,
     guard_unavailable,
@@ -197,7 +198,7 @@ class TextServing(GuardedServing[SamplingRequestT]):
         error.headers.update(header)
         raise error
 
-    async def generate(self, guard: Guard, requests: list[EngineRequest]) -> list[GenerationResult]:
+    async def generate(self, guard: Guard, requests: list[TextRequest]) -> list[GenerationResult]:
         """Guarded answers to the prompts of one HTTP request (concurrently, so the engine can batch them)."""
         try:
             results = await asyncio.gather(*(self.engine.generate(guard, request) for request in requests))
@@ -218,7 +219,7 @@ class TextServing(GuardedServing[SamplingRequestT]):
         self.count("blocked_output" if blocked else "ok")
         return list(results)
 
-    async def open_stream(self, guard: Guard, request: EngineRequest) -> EngineStream:
+    async def open_stream(self, guard: Guard, request: TextRequest) -> EngineStream:
         try:
             return await self.engine.open_stream(guard, request)
         except ConceptRefused as err:

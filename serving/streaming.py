@@ -25,7 +25,7 @@ from anyio import to_thread
 from guard.decision import Guard, OutputAction, OutputDecision, PromptDecision
 from guard.errors import GuardUnavailable
 from guard.policy import Policy
-from guard.text.generation import FinishReason
+from guard.settle import FinishReason
 from serving.engines.base import EngineStream
 from serving.errors import OpenAIError, guard_unavailable
 from serving.metrics import ServerMetrics
@@ -79,9 +79,9 @@ class OutputWindow:
 
     def check(self, final: bool) -> WindowStep:
         """Run the guard over everything generated so far (blocking; call from a worker thread)."""
-        verdict = self.guard.check_output(self.text, self.decision, attempt=0)
-        if verdict.action is not OutputAction.send:
-            return WindowStep("", verdict)
+        checked = self.guard.check_output(self.text, self.decision, attempt=0)
+        if checked.action is not OutputAction.send:
+            return WindowStep("", checked)
         end = len(self.text) if final else max(self.released, len(self.text) - self.window)
         release = self.text[self.released:end]
         self.released = end

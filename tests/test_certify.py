@@ -18,9 +18,9 @@ from detectors.base import Classification, CombinedDetector, ConceptScore, Detec
 from detectors.classifier import PolicyClassifier
 from detectors.encoder import CachedEncoder
 from detectors.harmful import HARMFUL_PROMPTS, SAFE_PROMPTS, HarmfulHead, HarmfulRequestClassifier, read_prompts
-from guard.certification import EraseAndCheck, MAX_SUBSEQUENCES, TokenizedPrompt, backend_tokenizer, erased_versions
-from guard.errors import CertifyError
+from guard.certification import MAX_SUBSEQUENCES, EraseAndCheck, TokenizedPrompt, backend_tokenizer, erased_versions
 from guard.cli import app
+from guard.errors import CertifyError
 from guard.models import load_sentence_encoder
 from guard.policy import load_policy
 

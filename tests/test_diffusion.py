@@ -16,16 +16,14 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
+from tiny_pipeline import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 from detectors.image_nsfw import ImageNsfwDetector
-from guard.errors import AdaVDError
-from guard.methods.adavd import AdaVDProcessor, LayerTargets, ValueErasure, erase_value_components
-from guard.errors import ConceptRefused
+from guard.errors import AdaVDError, ConceptRefused, ModelError
 from guard.images.pipeline import ImageGuard, ImageRefused, guard_pipeline, parse_size
-from guard.errors import ModelError
-from guard.policy import AdaVDSettings, load_policy
+from guard.methods.adavd import AdaVDProcessor, LayerTargets, ValueErasure, erase_value_components
 from guard.methods.semantic_surgery import ErasureTarget
-from tiny_pipeline import tiny_sd_pipeline, tiny_sdxl_pipeline
+from guard.policy import AdaVDSettings, load_policy
 
 POLICIES = Path(__file__).parent / "policies"
 ABSENT = ["a photo of a cat", "a red car in the city", "a house on a mountain", "a blue bird",

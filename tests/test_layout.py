@@ -74,3 +74,18 @@ def test_cycle_finder_sees_a_cycle() -> None:
     graph.add_import(importer="a.y", imported="a.x")
     graph.add_import(importer="a.z", imported="a.x")
     assert import_cycles(graph) == [["a.x", "a.y"]]
+
+
+def test_method_registry_matches_the_policy_schema() -> None:
+    """Every ``methods:`` key of the policy has one registry entry whose module imports, and nothing else is listed."""
+    from guard.methods.registry import METHODS, enabled_methods
+    from guard.policy import MethodSettings, load_policy
+
+    assert [m.name for m in METHODS] == list(MethodSettings.model_fields)
+    for entry in METHODS:
+        assert entry.load().__name__ == entry.module
+    policy = load_policy(ROOT / "policies" / "default.yaml")
+    for concept in policy.concepts:
+        names = [m.name for m in enabled_methods(concept)]
+        assert ("token_penalty" in names) == concept.methods.token_penalty.enabled
+        assert "uce" in names  # settings without an on/off switch are always available

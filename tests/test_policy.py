@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from guard.policy import ActionType, load_policy, policy_json_schema
 from guard.errors import PolicyError
+from guard.policy import ActionType, load_policy, policy_json_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "policies" / "default.yaml"

@@ -25,10 +25,10 @@ from typing import AsyncIterator, Iterator
 import httpx
 import openai
 import pytest
+from conftest import API_KEY, ROOT, RunningServer, chat_requests, serve_app, start_server
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from conftest import API_KEY, ROOT, RunningServer, chat_requests, serve_app, start_server
 from serving.config import ServerSettings
 
 MODEL = "embedded:smollm2"

@@ -13,13 +13,12 @@ from typing import Iterator
 import httpx
 import openai
 import pytest
-
 from conftest import API_KEY, POLICIES, ROOT, TOWER_ANSWER, TOWER_PROMPT, RunningServer, start_server
-from guard.text.generation import SamplingSettings
+
 from guard.policy import load_policy
+from guard.settle import penalty_row
+from guard.text.generation import SamplingSettings, TextRequest
 from serving.config import ServerSettings
-from serving.engines.base import EngineRequest
-from serving.engines.guarded import penalty_row
 
 MODEL = "embedded:smollm2"
 
@@ -66,6 +65,21 @@ def test_chat_stream_with_usage(embedded_server: RunningServer) -> None:
     assert finishes in (["stop"], ["length"])
     assert len({c.id for c in chunks}) == 1
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+
+
+def test_only_the_first_chat_chunk_carries_a_role(embedded_server: RunningServer) -> None:
+    """OpenAI's chunk schema allows a role string or no key, never ``"role": null``."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 8, "temperature": 0, "n": 2, "stream": True}
+    response = httpx.post(f"{embedded_server.api_url}/chat/completions", json=body, timeout=120,
+                          headers={"authorization": f"Bearer {API_KEY}"})
+    chunks = [json.loads(line[len("data: "):]) for line in response.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    deltas = [(c["choices"][0]["index"], c["choices"][0]["delta"]) for c in chunks if c["choices"]]
+    for index in (0, 1):
+        mine = [delta for i, delta in deltas if i == index]
+        assert len(mine) > 1 and mine[0]["role"] == "assistant"
+        assert all("role" not in delta for delta in mine[1:])
 
 
 def test_refused_prompt_is_a_400_content_policy_violation(embedded_server: RunningServer) -> None:
@@ -310,7 +324,7 @@ def test_vllm_engine_serves_guarded_chat_streams_and_text(vllm_server: RunningSe
 def test_vllm_logits_processor_erases_a_steered_concept(vllm_server: RunningServer) -> None:
     context = vllm_server.app.state.context
     engine, guard = context.engine, context.guard_state.guard
-    request = EngineRequest(SamplingSettings(max_new_tokens=24, temperature=0),
+    request = TextRequest(SamplingSettings(max_new_tokens=24, temperature=0),
                             messages=[{"role": "user", "content": "Who is Harry Potter?"}])
 
     async def both() -> tuple[str, str]:

@@ -20,13 +20,13 @@ import httpx
 import openai
 import pytest
 import torch
+from conftest import RunningServer, start_server
 from PIL import Image
+from tiny_pipeline import tiny_sd_pipeline
 from typer.testing import CliRunner
 
-from conftest import RunningServer, start_server
 from guard.policy import load_policy
 from serving.config import ServerSettings
-from tiny_pipeline import tiny_sd_pipeline
 
 POLICIES = Path(__file__).parent / "policies"
 TEXT_MODEL = "embedded:smollm2"

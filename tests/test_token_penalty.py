@@ -15,11 +15,17 @@ import pytest
 import torch
 
 from guard.decision import Guard
+from guard.errors import TokenPenaltyError
+from guard.methods.token_penalty.tables import (
+    MIN_PARTIAL_BLOCK,
+    OPENAI_BIAS_LIMIT,
+    OPENAI_MAX_BIAS_ENTRIES,
+    PenaltyRow,
+    TokenPenalties,
+)
+from guard.methods.token_penalty.transformers import TokenPenaltyProcessor
 from guard.models import cache_dir, load_language_model
 from guard.policy import load_policy
-from guard.methods.token_penalty.tables import (MIN_PARTIAL_BLOCK, OPENAI_BIAS_LIMIT, OPENAI_MAX_BIAS_ENTRIES,
-                                                PenaltyRow, TokenPenalties)
-from guard.errors import TokenPenaltyError
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = ROOT / "policies" / "default.yaml"
@@ -176,7 +182,7 @@ def test_processor_leaves_unpenalised_rows_bit_identical(penalties: TokenPenalti
     prompt = torch.tensor([[5, 6, 7]] * 3)
     generated = tokenizer.encode(" Harry", add_special_tokens=False)
     input_ids = torch.cat([prompt, torch.tensor([generated] * 3)], dim=1)
-    processor = penalties.processor([None, PenaltyRow((CONCEPT,)), PenaltyRow(())])
+    processor = TokenPenaltyProcessor(penalties, [None, PenaltyRow((CONCEPT,)), PenaltyRow(())])
     processor(prompt, scores.clone())  # first call fixes the prompt width
     out = processor(input_ids, scores)
     assert torch.equal(out[0], original[0]) and torch.equal(out[2], original[2])
@@ -192,7 +198,7 @@ def test_processor_works_on_logits_wider_than_its_vocabulary(penalties: TokenPen
     original = scores.clone()
     prompt = torch.tensor([[5, 6, 7]] * 2)
     harry = tokenizer.encode(" Harry", add_special_tokens=False)
-    processor = penalties.processor([PenaltyRow((CONCEPT,))] * 2)
+    processor = TokenPenaltyProcessor(penalties, [PenaltyRow((CONCEPT,))] * 2)
     processor(prompt, scores.clone())
     generated = torch.tensor([[width - 1, *harry], [*harry, width - 1]])  # an id beyond the vocabulary adds no text
     out = processor(torch.cat([prompt, generated], dim=1), scores)
@@ -213,8 +219,8 @@ def test_strength_scales_the_soft_penalty(penalties: TokenPenalties, tokenizer) 
 
 def test_processor_rejects_unknown_concepts_and_wrong_batches(penalties: TokenPenalties) -> None:
     with pytest.raises(TokenPenaltyError, match="not in policy"):
-        penalties.processor([PenaltyRow(("no-such-concept",))])
-    processor = penalties.processor([None, None])
+        TokenPenaltyProcessor(penalties, [PenaltyRow(("no-such-concept",))])
+    processor = TokenPenaltyProcessor(penalties, [None, None])
     with pytest.raises(TokenPenaltyError, match="2 rows"):
         processor(torch.zeros((3, 4), dtype=torch.long), torch.zeros((3, 10)))
 

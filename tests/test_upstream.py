@@ -15,15 +15,13 @@ from typing import Iterator
 import httpx
 import openai
 import pytest
+from conftest import API_KEY, POLICIES, ROOT, TOWER_ANSWER, TOWER_PROMPT, RunningServer, chat_requests, start_server
 from typer.testing import CliRunner
 
-from conftest import (API_KEY, POLICIES, ROOT, TOWER_ANSWER, TOWER_PROMPT, RunningServer, chat_requests,
-                      start_server)
-from guard.text.generation import SamplingSettings
 from guard.policy import load_policy
+from guard.settle import penalty_row
+from guard.text.generation import SamplingSettings, TextRequest
 from serving.config import ServerSettings
-from serving.engines.base import EngineRequest
-from serving.engines.guarded import penalty_row
 
 TARGET_MODEL = "embedded:smollm2"
 PROXY_MODEL = "smollm2-guarded"
@@ -102,7 +100,7 @@ def test_penalties_travel_as_logit_bias_and_win_over_the_client(proxy: RunningSe
     engine, guard = context.engine, context.guard_state.guard
     potter = engine.tokenizer.encode(" Potter", add_special_tokens=False)[0]
     banana = engine.tokenizer.encode(" banana", add_special_tokens=False)[0]
-    request = EngineRequest(SamplingSettings(max_new_tokens=8, logit_bias={potter: 100.0, banana: 50.0}),
+    request = TextRequest(SamplingSettings(max_new_tokens=8, logit_bias={potter: 100.0, banana: 50.0}),
                             messages=[{"role": "user", "content": "Who is Harry Potter?"}], user="user-7")
     _, steered = engine.upstream_body(guard, request, penalty_row(["harry-potter"]), 1, None, stream=False)
     assert steered["logit_bias"][str(potter)] == -100

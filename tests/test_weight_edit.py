@@ -26,13 +26,13 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
+from tiny_pipeline import WORDS, tiny_sd_pipeline
 from typer.testing import CliRunner
 
 from guard.cli import app
-from guard.policy import load_policy
-from guard.methods.uce import EditPlan, apply_edit, plan_from_policy, uce_transform
 from guard.errors import WeightEditError
-from tiny_pipeline import WORDS, tiny_sd_pipeline
+from guard.methods.uce import EditPlan, apply_edit, plan_from_policy, uce_transform
+from guard.policy import load_policy
 
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = Path(__file__).parent / "policies"

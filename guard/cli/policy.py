@@ -12,6 +12,7 @@ from rich.table import Table
 from detectors.classifier import PolicyClassifier
 from guard.cli.output import console, fail
 from guard.errors import DetectorError, ModelError, PolicyError
+from guard.methods.registry import enabled_methods
 from guard.policy import load_policy, policy_json_schema
 
 PolicyFile = Annotated[Path, typer.Argument(help="Policy YAML file.", show_default=False)]
@@ -25,11 +26,12 @@ def check(file: PolicyFile) -> None:
         raise fail(str(err)) from None
     table = Table()
     table.add_column("concept", no_wrap=True)
-    for column in ("kind", "action", "aliases", "exemplars", "negatives", "threshold"):
+    for column in ("kind", "action", "aliases", "exemplars", "negatives", "threshold", "methods"):
         table.add_column(column)
     for c in policy.concepts:
         table.add_row(c.id, c.kind.value, c.action.type.value, str(len(c.aliases)), str(len(c.exemplars)),
-                      str(len(c.negatives)), f"{c.detection.semantic_threshold:.2f}")
+                      str(len(c.negatives)), f"{c.detection.semantic_threshold:.2f}",
+                      ", ".join(m.name for m in enabled_methods(c)))
     console.print(table)
     console.print(f"{file}: policy '{policy.name}' ({policy.version_tag}) is valid: {len(policy.concepts)} concepts",
                   highlight=False, soft_wrap=True)

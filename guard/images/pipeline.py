@@ -26,10 +26,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from detectors.image_nsfw import ImageNsfwDetector
+from guard.decision import OutputAction
 from guard.errors import ConceptRefused, GuardUnavailable, ModelError
 from guard.methods.adavd import AdaVD, ValueErasure, last_subject_embedding
 from guard.methods.semantic_surgery import (
@@ -42,6 +44,7 @@ from guard.methods.semantic_surgery import (
 )
 from guard.models import resolve
 from guard.policy import ActionType, Concept, ConceptKind, Policy
+from guard.settle import Attempt, Step, seed_for_choice, settle
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -202,8 +205,7 @@ class GuardedPipeline:
         return _Plan(edit.embeddings, edit, erasure)
 
     def _refusal(self, concept_ids: Sequence[str], report: GenerationReport) -> ImageRefused:
-        template = self._concepts[concept_ids[0]].action.message
-        return ImageRefused(concept_ids, template.replace("{concepts}", ", ".join(concept_ids)), report)
+        return ImageRefused(concept_ids, self.policy.refusal_message(concept_ids), report)
 
     # -- generation -----------------------------------------------------------------------------------------------
 
@@ -265,7 +267,7 @@ class GuardedPipeline:
         report.surgery_strength = plan.surgery.strength
         report.erased_text, report.anchor_text = plan.surgery.erased_text, plan.surgery.anchor_text
         report.value_erasure = list(plan.value_erasure.labels) if plan.value_erasure else []
-        images = self._run(plan.conditioning, unconditional, [seed + i for i in range(num_images)], num_images,
+        images = self._run(plan.conditioning, unconditional, [seed_for_choice(seed, i) for i in range(num_images)], num_images,
                            plan.value_erasure, guidance_scale, pipe_kwargs)
         if self.nsfw is not None:
             images = self._check_images(self.nsfw, images, report, conditioning, unconditional, steered, seed,
@@ -276,36 +278,63 @@ class GuardedPipeline:
                       conditioning: TextEmbeddings, unconditional: TextEmbeddings | None,
                       steered: Sequence[ConceptPresence], seed: int, guidance: bool, guidance_scale: float,
                       pipe_kwargs: dict[str, Any]) -> Any:
-        """Score the images; regenerate flagged ones with the ``nsfw`` concepts erased, or refuse."""
-        scores = nsfw.scores(self._as_pil(images))
-        report.nsfw_scores = scores
-        flagged = nsfw.flagged(scores)
+        """Settle the images (:mod:`guard.settle`): flagged ones are regenerated once with the ``nsfw`` concepts
+        erased; a refused ``nsfw`` concept, or an image still flagged after that, refuses the request."""
         nsfw_concepts = [c for c in self.policy.concepts if c.kind == ConceptKind.nsfw]
-        if not flagged or not nsfw_concepts:
-            return images
-        peak = max(scores[i] for i in flagged)
-        for concept in nsfw_concepts:
-            report.detections.append(ConceptDetection(concept.id, concept.action.type.value, peak, None, (), "image"))
         refused = [c.id for c in nsfw_concepts if c.action.type == ActionType.refuse]
-        if refused:
-            raise self._refusal(refused, report)
         erase = [c.id for c in nsfw_concepts if c.action.type == ActionType.steer]
-        if not erase:
-            return images
-        plans = [self._plan(conditioning, steered, {concept_id: scores[i] for concept_id in erase}, guidance)
-                 for i in flagged]
-        repeated = None if unconditional is None else TextEmbeddings.stack([unconditional] * len(flagged))
-        again = self._run(TextEmbeddings.stack([p.conditioning for p in plans]), repeated, [seed + i for i in flagged],
-                          1, plans[0].value_erasure, guidance_scale, pipe_kwargs)
-        rescored = nsfw.scores(self._as_pil(again))
-        for j, i in enumerate(flagged):
-            images[i] = again[j]
-            scores[i] = rescored[j]
-        report.regenerated = flagged
-        report.regeneration_strengths = [p.surgery.strength for p in plans]
-        if nsfw.flagged(rescored):
+
+        def judge(items: Sequence[tuple[Attempt[_Plan | None], Any]]) -> list[Step[_Plan | None, float]]:
+            scores = nsfw.scores(self._as_pil(_batch([image for _, image in items])))
+            flagged = set(nsfw.flagged(scores))
+            if flagged and nsfw_concepts and items[0][0].regenerations == 0:
+                peak = max(scores[i] for i in flagged)
+                for concept in nsfw_concepts:
+                    report.detections.append(ConceptDetection(concept.id, concept.action.type.value, peak, None, (),
+                                                              "image"))
+                if refused:
+                    raise self._refusal(refused, report)
+            steps = []
+            for j, ((attempt, _), score) in enumerate(zip(items, scores)):
+                if j not in flagged or not erase:
+                    steps.append(Step(OutputAction.send, score))
+                elif attempt.regenerations == 0:
+                    plan = self._plan(conditioning, steered, {concept_id: score for concept_id in erase}, guidance)
+                    steps.append(Step(OutputAction.regenerate, score, plan))
+                else:
+                    steps.append(Step(OutputAction.block, score, message=self.policy.refusal_message(erase)))
+            return steps
+
+        def decode(attempts: list[Attempt[_Plan | None]]) -> list[Any]:
+            plans = [attempt.plan for attempt in attempts if attempt.plan is not None]
+            repeated = None if unconditional is None else TextEmbeddings.stack([unconditional] * len(plans))
+            report.regenerated = [attempt.index for attempt in attempts]
+            report.regeneration_strengths = [plan.surgery.strength for plan in plans]
+            again = self._run(TextEmbeddings.stack([p.conditioning for p in plans]), repeated,
+                              [seed_for_choice(seed, a.index) for a in attempts], 1, plans[0].value_erasure,
+                              guidance_scale, pipe_kwargs)
+            return [again[j] for j in range(len(attempts))]
+
+        first = [(Attempt(i, None), images[i]) for i in range(len(images))]
+        settled = settle(first, judge, decode)
+        report.nsfw_scores = [s.judgement for s in settled]
+        if any(s.blocked is not None for s in settled):
             raise self._refusal(erase, report)
+        if not report.regenerated:
+            return images
+        for s in settled:
+            if s.regenerations:
+                images[s.index] = s.output
         return images
+
+
+def _batch(images: Sequence[Any]) -> Any:
+    """Single images (PIL, or tensor / array slices of a pipeline batch) as one batch of their kind."""
+    if isinstance(images[0], torch.Tensor):
+        return torch.stack(list(images))
+    if isinstance(images[0], np.ndarray):
+        return np.stack(list(images))
+    return list(images)
 
 
 def guard_pipeline(pipe: GuardablePipeline, policy: Policy, nsfw: ImageNsfwDetector | None = None) -> GuardedPipeline:

@@ -1,18 +1,18 @@
 """Guarded generation for in-process transformers models.
 
 One request goes: prompt check -> decode with per-row token penalties -> output check -> bounded
-regeneration with stronger penalties. Several requests share one ``model.generate`` call; every batch
-row carries its own penalties, sampling settings and seed, so batching never changes a result.
+regeneration with stronger penalties (the settle loop of :mod:`guard.settle`, shared with every engine).
+Several requests share one ``model.generate`` call; every batch row carries its own penalties, sampling
+settings and seed, so batching never changes a result.
 
 Public API:
 
-* :class:`ChatRequest` (messages, chat template applied) or :class:`CompletionRequest` (raw prompt text),
-  each with :class:`SamplingSettings` — what a client asked for.
-* :func:`generate_chat` — one request; raises :class:`~guard.errors.ConceptRefused` /
+* :class:`TextRequest` — chat messages (chat template applied) or a raw prompt, with :class:`SamplingSettings`.
+* :func:`generate` — one request; raises :class:`~guard.errors.ConceptRefused` /
   :class:`~guard.errors.GuardUnavailable`.
-* :func:`generate_chat_batch` — many requests in one decode; a refused request comes back as its
+* :func:`generate_batch` — many requests in one decode; a refused request comes back as its
   :class:`ConceptRefused` instance in the result list instead of failing the others.
-* :func:`stream_chat` — one request (``n == 1``) as text deltas; the prompt check runs before it
+* :func:`start_stream` — one request (``n == 1``) as text deltas; the prompt check runs before it
   returns, the output check is the caller's (e.g. a sliding window in the HTTP server), because text
   already sent cannot be regenerated.
 
@@ -26,23 +26,33 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Iterator, Literal, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from guard.decision import Guard, OutputAction, OutputDecision, PromptDecision
+from guard.decision import Guard, PromptDecision
 from guard.errors import ConceptRefused
 from guard.methods.token_penalty.tables import PenaltyRow
+from guard.methods.token_penalty.transformers import TokenPenaltyProcessor
+from guard.settle import (
+    Attempt,
+    Choice,
+    Decoded,
+    FinishReason,
+    GenerationResult,
+    penalty_row,
+    seed_for_choice,
+    settle,
+    text_choices,
+    text_judge,
+    unguarded_choices,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-FinishReason = Literal["stop", "length", "content_filter"]
-# The policy schema caps max_regenerations at 5; this bound holds even if an output check kept asking.
-REGENERATION_LIMIT = 5
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,7 @@ class SamplingSettings:
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
-    seed: int | None = None  # choice i of a seeded request samples with seed + i
+    seed: int | None = None  # choice i of a seeded request samples with seed + i (guard.settle.seed_for_choice)
     stop: tuple[str, ...] = ()  # generation ends before the first occurrence; the stop string is not returned
     n: int = 1
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias in [-100, 100]
@@ -73,41 +83,32 @@ class SamplingSettings:
 
 
 @dataclass(frozen=True)
-class ChatRequest:
-    messages: list[dict[str, str]]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
+class TextRequest:
+    """What a client asked every text engine for: a chat conversation (``messages``) or a raw ``prompt``."""
+
     settings: SamplingSettings = field(default_factory=SamplingSettings)
+    messages: list[dict[str, str]] | None = None  # [{"role": ..., "content": str}, ...]; chat template applied
+    prompt: str | None = None  # decoded as given, no chat template (OpenAI completions)
+    user: str | None = None  # the client's end-user id: forwarded upstream, named in block logs
 
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("a text request has either messages or a prompt")
 
-@dataclass(frozen=True)
-class CompletionRequest:
-    """A raw text prompt (OpenAI completions): decoded as given, no chat template."""
+    @classmethod
+    def chat(cls, messages: list[dict[str, str]], settings: SamplingSettings | None = None) -> "TextRequest":
+        return cls(settings or SamplingSettings(), messages=messages)
 
-    prompt: str
-    settings: SamplingSettings = field(default_factory=SamplingSettings)
-
-
-Request = ChatRequest | CompletionRequest
-
-
-@dataclass(frozen=True)
-class Choice:
-    index: int
-    text: str  # the answer; for finish_reason == "content_filter" the policy's message
-    finish_reason: FinishReason
-    completion_tokens: int  # tokens of the returned attempt
-    regenerations: int  # regenerations this choice used (0 = the first attempt was sent)
-    output_decision: OutputDecision | None  # the last output check (None when unguarded)
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    choices: list[Choice]
-    prompt_tokens: int
-    prompt_decision: PromptDecision | None  # None when unguarded
+    @classmethod
+    def completion(cls, prompt: str, settings: SamplingSettings | None = None) -> "TextRequest":
+        return cls(settings or SamplingSettings(), prompt=prompt)
 
     @property
-    def completion_tokens(self) -> int:
-        return sum(choice.completion_tokens for choice in self.choices)
+    def guard_texts(self) -> list[str]:
+        """What the prompt check reads: every message (history included, so earlier turns cannot smuggle)."""
+        if self.messages is not None:
+            return [m.get("content") or "" for m in self.messages if m.get("content")]
+        return [self.prompt or ""]
 
 
 @dataclass(frozen=True)
@@ -131,18 +132,6 @@ class _Row:
     prompt_ids: list[int]
     settings: SamplingSettings
     penalty: PenaltyRow | None
-    regenerations: int = 0
-
-
-@dataclass(frozen=True)
-class _Decoded:
-    text: str
-    finish_reason: Literal["stop", "length"]
-    tokens: int
-
-
-def _seed_for(row: _Row) -> int | None:
-    return None if row.settings.seed is None else row.settings.seed + row.choice
 
 
 class _ClientBias(LogitsProcessor):
@@ -174,7 +163,7 @@ class _RowSampler(LogitsProcessor):
                 self.rows.append(None)
                 continue
             generator = torch.Generator()
-            seed = _seed_for(row)
+            seed = seed_for_choice(row.settings.seed, row.choice)
             if seed is None:
                 generator.seed()
             else:
@@ -239,7 +228,7 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 
 def _decode(guard: Guard | None, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
             rows: Sequence[_Row], streamer: BaseStreamer | None = None,
-            cancel: threading.Event | None = None) -> list[_Decoded]:
+            cancel: threading.Event | None = None) -> list[Decoded]:
     """One ``generate`` call over left-padded rows, each with its own penalties, sampling and budget."""
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
@@ -252,7 +241,7 @@ def _decode(guard: Guard | None, model: "PreTrainedModel", tokenizer: "PreTraine
 
     processors = LogitsProcessorList([_ClientBias(rows, len(tokenizer))])
     if guard is not None and any(row.penalty is not None for row in rows):
-        processors.append(guard.token_penalties(tokenizer).processor([row.penalty for row in rows]))
+        processors.append(TokenPenaltyProcessor(guard.token_penalties(tokenizer), [row.penalty for row in rows]))
     processors.append(_RowSampler(rows))
     stopper = _RowStopper(rows, tokenizer, width, cancel)
     config = GenerationConfig(max_new_tokens=max(row.settings.max_new_tokens for row in rows), do_sample=False,
@@ -272,7 +261,7 @@ def _decode(guard: Guard | None, model: "PreTrainedModel", tokenizer: "PreTraine
         ids = ids[: row.settings.max_new_tokens]
         text, stopped = _cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), row.settings.stop)
         finished = stopped or (ended is not None and ended < len(ids))
-        decoded.append(_Decoded(text, "stop" if finished else "length", len(ids)))
+        decoded.append(Decoded(text, "stop" if finished else "length", len(ids)))
     return decoded
 
 
@@ -280,8 +269,8 @@ def _decode(guard: Guard | None, model: "PreTrainedModel", tokenizer: "PreTraine
 # public entry points
 
 
-def _prompt_ids(tokenizer: "PreTrainedTokenizerBase", request: Request) -> list[int]:
-    if isinstance(request, CompletionRequest):
+def _prompt_ids(tokenizer: "PreTrainedTokenizerBase", request: TextRequest) -> list[int]:
+    if request.prompt is not None:
         ids = tokenizer.encode(request.prompt, add_special_tokens=False)
         if not ids:
             raise ValueError("the prompt is empty")
@@ -292,21 +281,13 @@ def _prompt_ids(tokenizer: "PreTrainedTokenizerBase", request: Request) -> list[
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def _check_prompt(guard: Guard | None, request: Request) -> PromptDecision | None:
-    if guard is None:
-        return None
-    if isinstance(request, CompletionRequest):
-        return guard.check_prompt([request.prompt])
-    return guard.check_prompt([message.get("content", "") for message in request.messages])
+def _check_prompt(guard: Guard | None, request: TextRequest) -> PromptDecision | None:
+    return None if guard is None else guard.check_prompt(request.guard_texts)
 
 
-def _penalty(decision: PromptDecision | None) -> PenaltyRow | None:
-    return PenaltyRow(tuple(decision.penalized)) if decision is not None and decision.penalized else None
-
-
-def generate_chat_batch(guard: Guard | None, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
-                        requests: Sequence[Request]) -> list[GenerationResult | ConceptRefused]:
-    """Answer several chat or completion requests in one decode; refused ones come back as their ConceptRefused.
+def generate_batch(guard: Guard | None, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
+                   requests: Sequence[TextRequest]) -> list[GenerationResult | ConceptRefused]:
+    """Answer several requests in one decode; refused ones come back as their ConceptRefused.
 
     :class:`~guard.errors.GuardUnavailable` (a detector failure) is raised for the whole batch: no request
     may be answered by a guard that cannot check it.
@@ -314,7 +295,7 @@ def generate_chat_batch(guard: Guard | None, model: "PreTrainedModel", tokenizer
     outcomes: list[GenerationResult | ConceptRefused | None] = [None] * len(requests)
     decisions: dict[int, PromptDecision | None] = {}
     prompts: dict[int, list[int]] = {}
-    pending: list[_Row] = []
+    rows: list[_Row] = []  # attempt index -> the choice it decodes
     for index, request in enumerate(requests):
         try:
             decisions[index] = _check_prompt(guard, request)
@@ -322,41 +303,35 @@ def generate_chat_batch(guard: Guard | None, model: "PreTrainedModel", tokenizer
             outcomes[index] = refused
             continue
         prompts[index] = _prompt_ids(tokenizer, request)
+        decision = decisions[index]
         for choice in range(request.settings.n):
-            pending.append(_Row(index, choice, prompts[index], request.settings, _penalty(decisions[index])))
+            rows.append(_Row(index, choice, prompts[index], request.settings,
+                             penalty_row(decision.penalized) if decision is not None else None))
 
-    choices: dict[int, list[Choice]] = {index: [] for index in prompts}
-    while pending:
-        retry: list[_Row] = []
-        for row, decoded in zip(pending, _decode(guard, model, tokenizer, pending)):
-            decision = decisions[row.request]
-            if guard is None or decision is None:
-                choices[row.request].append(Choice(row.choice, decoded.text, decoded.finish_reason, decoded.tokens,
-                                                   row.regenerations, None))
-                continue
-            verdict = guard.check_output(decoded.text, decision, attempt=row.regenerations)
-            if verdict.action is OutputAction.regenerate and row.regenerations < REGENERATION_LIMIT:
-                retry.append(replace(row, penalty=PenaltyRow(tuple(verdict.penalized), verdict.strength),
-                                     regenerations=row.regenerations + 1))
-            elif verdict.action is OutputAction.send:
-                choices[row.request].append(Choice(row.choice, decoded.text, decoded.finish_reason, decoded.tokens,
-                                                   row.regenerations, verdict))
-            else:
-                message = verdict.message or guard.refusal_message(verdict.verdict.flagged or decision.penalized)
-                choices[row.request].append(Choice(row.choice, message, "content_filter", decoded.tokens,
-                                                   row.regenerations, verdict))
-        pending = retry
+    def decode(attempts: list[Attempt[PenaltyRow | None]]) -> list[Decoded]:
+        batch = [_Row(rows[a.index].request, rows[a.index].choice, rows[a.index].prompt_ids, rows[a.index].settings,
+                      a.plan) for a in attempts]
+        return _decode(guard, model, tokenizer, batch)
 
-    for index in prompts:
-        outcomes[index] = GenerationResult(sorted(choices[index], key=lambda c: c.index), len(prompts[index]),
-                                           decisions[index])
+    first = [Attempt(i, row.penalty) for i, row in enumerate(rows)]
+    decoded = decode(first) if first else []
+    if guard is None:
+        choices = unguarded_choices([(rows[a.index].choice, d) for a, d in zip(first, decoded)])
+    else:
+        judge = text_judge(guard, lambda i: decisions[rows[i].request])
+        choices = text_choices(settle(list(zip(first, decoded)), judge, decode), lambda i: rows[i].choice)
+    per_request: dict[int, list[Choice]] = {index: [] for index in prompts}
+    for row, choice in zip(rows, choices):  # settled choices come back in attempt order, one per row
+        per_request[row.request].append(choice)
+    for index, mine in per_request.items():
+        outcomes[index] = GenerationResult(mine, len(prompts[index]), decisions[index])
     return [outcome for outcome in outcomes if outcome is not None]
 
 
-def generate_chat(guard: Guard | None, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
-                  request: Request) -> GenerationResult:
-    """Answer one chat or completion request under the guard; raises ConceptRefused or GuardUnavailable."""
-    outcome = generate_chat_batch(guard, model, tokenizer, [request])[0]
+def generate(guard: Guard | None, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
+             request: TextRequest) -> GenerationResult:
+    """Answer one request under the guard; raises ConceptRefused or GuardUnavailable."""
+    outcome = generate_batch(guard, model, tokenizer, [request])[0]
     if isinstance(outcome, ConceptRefused):
         raise outcome
     return outcome
@@ -404,7 +379,7 @@ class GuardedStream:
         self._eos = _eos_ids(model, tokenizer)
         self._tokens = _TokenQueue()
         self._cancel = threading.Event()
-        self._result: list[_Decoded] = []
+        self._result: list[Decoded] = []
         self._error: list[BaseException] = []
         self._thread = threading.Thread(target=self._run, args=(guard, model, row), daemon=True,
                                         name="guarded-stream")
@@ -452,7 +427,7 @@ class GuardedStream:
             return  # closed by the consumer: no finish reason to report
         result = self._result[0]
         remainder = result.text[len(self.text):]
-        self.text, self.completion_tokens, self.finish_reason = result.text, result.tokens, result.finish_reason
+        self.text, self.completion_tokens, self.finish_reason = result.text, result.completion_tokens, result.finish_reason
         yield StreamDelta(remainder, result.finish_reason)
 
     def close(self) -> None:
@@ -460,11 +435,12 @@ class GuardedStream:
         self._thread.join()
 
 
-def stream_chat(guard: Guard | None, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
-                request: Request) -> GuardedStream:
+def start_stream(guard: Guard | None, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
+                 request: TextRequest) -> GuardedStream:
     """Check the prompt now (raising ConceptRefused/GuardUnavailable) and return the running stream."""
     if request.settings.n != 1:
         raise ValueError("streaming supports n == 1 only")
     decision = _check_prompt(guard, request)
-    row = _Row(0, 0, _prompt_ids(tokenizer, request), request.settings, _penalty(decision))
+    row = _Row(0, 0, _prompt_ids(tokenizer, request), request.settings,
+               penalty_row(decision.penalized) if decision is not None else None)
     return GuardedStream(guard, model, tokenizer, row, decision)

@@ -7,7 +7,8 @@ import uuid
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from guard.text.generation import FinishReason
+from guard.settle import FinishReason
+from guard.text.generation import TextRequest
 from serving.chat_completion.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -17,7 +18,6 @@ from serving.chat_completion.protocol import (
     ChatCompletionResponse,
     DeltaMessage,
 )
-from serving.engines.base import EngineRequest
 from serving.protocol import Usage
 from serving.serving_base import TextServing
 
@@ -56,7 +56,7 @@ class ChatServing(TextServing[ChatCompletionRequest]):
         self.validate(request)
         param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         settings = self.sampling(request, request.requested_max_tokens, param)
-        engine_request = EngineRequest(settings, messages=request.plain_messages(), user=request.end_user)
+        engine_request = TextRequest(settings, messages=request.plain_messages(), user=request.end_user)
         certificate = await self.certify(active, ["\n".join(engine_request.guard_texts)], request.end_user)
 
         if request.stream:

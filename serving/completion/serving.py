@@ -7,9 +7,9 @@ import uuid
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from guard.text.generation import FinishReason
+from guard.settle import FinishReason
+from guard.text.generation import TextRequest
 from serving.completion.protocol import CompletionChoice, CompletionRequest, CompletionResponse
-from serving.engines.base import EngineRequest
 from serving.errors import invalid_request, unsupported_parameter
 from serving.protocol import Usage
 from serving.serving_base import TextServing
@@ -57,12 +57,12 @@ class CompletionServing(TextServing[CompletionRequest]):
             if len(prompts) > 1:
                 raise self.invalid(unsupported_parameter("prompt", "streaming accepts one prompt per request"))
             certificate = await self.certify(active, prompts, request.end_user)
-            stream = await self.open_stream(guard, EngineRequest(settings, prompt=prompts[0], user=request.end_user))
+            stream = await self.open_stream(guard, TextRequest(settings, prompt=prompts[0], user=request.end_user))
             writer = CompletionChunkWriter(self.engine.model_id, self.fingerprint(guard))
             return self.stream_response(guard, stream, writer, settings.n, request.include_usage, certificate)
 
         certificate = await self.certify(active, prompts, request.end_user)
-        engine_requests = [EngineRequest(settings, prompt=p, user=request.end_user) for p in prompts]
+        engine_requests = [TextRequest(settings, prompt=p, user=request.end_user) for p in prompts]
         results = await self.generate(guard, engine_requests)
         choices = []
         flagged: list[str] = []

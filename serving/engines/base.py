@@ -9,32 +9,26 @@ layer's sliding window (:mod:`serving.streaming`), the same for every engine.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
+from anyio import to_thread
+
 from guard.decision import Guard, PromptDecision
-from guard.text.generation import FinishReason, GenerationResult, SamplingSettings
-
-
-@dataclass(frozen=True)
-class EngineRequest:
-    """A chat conversation (``messages``) or a raw text prompt (``prompt``), with its sampling settings."""
-
-    settings: SamplingSettings
-    messages: list[dict[str, str]] | None = None
-    prompt: str | None = None
-    user: str | None = None  # the client's end-user id: forwarded upstream, named in block logs
-
-    def __post_init__(self) -> None:
-        if (self.messages is None) == (self.prompt is None):
-            raise ValueError("an engine request has either messages or a prompt")
-
-    @property
-    def guard_texts(self) -> list[str]:
-        """What the prompt check reads: every message (history included, so earlier turns cannot smuggle)."""
-        if self.messages is not None:
-            return [m["content"] for m in self.messages if m["content"]]
-        return [self.prompt or ""]
+from guard.methods.token_penalty.tables import PenaltyRow
+from guard.settle import (
+    Attempt,
+    Decoded,
+    FinishReason,
+    GenerationResult,
+    penalty_row,
+    seed_for_choice,
+    settle_async,
+    text_choices,
+    text_judge,
+)
+from guard.text.generation import TextRequest
 
 
 @dataclass(frozen=True)
@@ -74,10 +68,39 @@ class Engine(Protocol):
     async def prepare(self, guard: Guard) -> None:
         """Build whatever a guard needs for this engine (penalty tables) before it serves traffic."""
 
-    async def generate(self, guard: Guard, request: EngineRequest) -> GenerationResult:
+    async def generate(self, guard: Guard, request: TextRequest) -> GenerationResult:
         """Guarded answer with ``settings.n`` choices; raises ConceptRefused, GuardUnavailable or OpenAIError."""
 
-    async def open_stream(self, guard: Guard, request: EngineRequest) -> EngineStream:
+    async def open_stream(self, guard: Guard, request: TextRequest) -> EngineStream:
         """Check the prompt (raising like ``generate``) and start streaming ``settings.n`` choices."""
 
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    choices: list[Decoded]
+    prompt_tokens: int
+
+
+class Decode(Protocol):
+    """An engine's plain decode: ``n`` choices under ``penalty`` (None: no penalties), no checks at all."""
+
+    async def __call__(self, guard: Guard, request: TextRequest, penalty: PenaltyRow | None, n: int,
+                       seed: int | None) -> DecodeResult: ...
+
+
+async def guarded_generate(guard: Guard, request: TextRequest, decode: Decode) -> GenerationResult:
+    """``generate`` for engines that only decode (an upstream server, vLLM): check the prompt (raising before
+    anything is decoded), decode ``n`` choices, then the settle loop of :mod:`guard.settle`, as in-process."""
+    decision = await to_thread.run_sync(guard.check_prompt, request.guard_texts)
+    first = await decode(guard, request, penalty_row(decision.penalized), request.settings.n, request.settings.seed)
+
+    async def again(attempts: list[Attempt[PenaltyRow | None]]) -> list[Decoded]:
+        results = await asyncio.gather(*(
+            decode(guard, request, a.plan, 1, seed_for_choice(request.settings.seed, a.index)) for a in attempts))
+        return [result.choices[0] for result in results]
+
+    attempts = [Attempt(i, penalty_row(decision.penalized)) for i in range(len(first.choices))]
+    settled = await settle_async(list(zip(attempts, first.choices)), text_judge(guard, lambda _: decision), again)
+    return GenerationResult(text_choices(settled), first.prompt_tokens, decision)

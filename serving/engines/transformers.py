@@ -22,19 +22,12 @@ from anyio import to_thread
 
 from guard.decision import Guard, PromptDecision
 from guard.errors import ConceptRefused
+from guard.methods.token_penalty.logit_bias import client_bias_within_guard, protected_tokens
 from guard.models import load_language_model
-from guard.text.generation import (
-    ChatRequest,
-    CompletionRequest,
-    GenerationResult,
-    GuardedStream,
-    SamplingSettings,
-    generate_chat_batch,
-    stream_chat,
-)
+from guard.settle import GenerationResult, seed_for_choice
+from guard.text.generation import GuardedStream, TextRequest, generate_batch, start_stream
 from serving.config import ServerSettings
-from serving.engines.base import ChoiceDelta, EngineRequest
-from serving.engines.guarded import client_bias_within_guard, protected_tokens
+from serving.engines.base import ChoiceDelta
 from serving.metrics import ServerMetrics
 
 logger = logging.getLogger("serving")
@@ -43,7 +36,7 @@ logger = logging.getLogger("serving")
 @dataclass
 class _Job:
     guard: Guard
-    request: ChatRequest | CompletionRequest
+    request: TextRequest
     future: Future[GenerationResult]
 
 
@@ -60,7 +53,7 @@ class BatchWorker:
         self._thread = threading.Thread(target=self._run, name="guard-batch-worker", daemon=True)
         self._thread.start()
 
-    def submit(self, guard: Guard, request: ChatRequest | CompletionRequest) -> Future[GenerationResult]:
+    def submit(self, guard: Guard, request: TextRequest) -> Future[GenerationResult]:
         future: Future[GenerationResult] = Future()
         self._jobs.put(_Job(guard, request, future))
         return future
@@ -105,7 +98,7 @@ class BatchWorker:
         if not live:
             return
         try:
-            results = generate_chat_batch(live[0].guard, self.model, self.tokenizer, [job.request for job in live])
+            results = generate_batch(live[0].guard, self.model, self.tokenizer, [job.request for job in live])
         except BaseException as err:  # noqa: BLE001 - GuardUnavailable and bugs alike go back to their requests
             for job in live:
                 job.future.set_exception(err)
@@ -131,28 +124,23 @@ class TransformersEngine:
         penalties = await to_thread.run_sync(guard.token_penalties, self.tokenizer)
         self._protected[guard] = await to_thread.run_sync(protected_tokens, penalties)
 
-    def _request(self, guard: Guard, request: EngineRequest,
-                 settings: SamplingSettings | None = None) -> ChatRequest | CompletionRequest:
-        """The guard.text.generation request, with the client's logit_bias unable to raise protected tokens."""
-        if settings is None:
-            bias = client_bias_within_guard(request.settings.logit_bias, self._protected[guard])
-            settings = replace(request.settings, logit_bias=bias)
-        if request.messages is not None:
-            return ChatRequest(request.messages, settings)
-        return CompletionRequest(request.prompt or "", settings)
+    def _within_guard(self, guard: Guard, request: TextRequest) -> TextRequest:
+        """The request with the client's logit_bias unable to raise protected tokens."""
+        bias = client_bias_within_guard(request.settings.logit_bias, self._protected[guard])
+        return replace(request, settings=replace(request.settings, logit_bias=bias))
 
-    async def generate(self, guard: Guard, request: EngineRequest) -> GenerationResult:
-        return await asyncio.wrap_future(self.worker.submit(guard, self._request(guard, request)))
+    async def generate(self, guard: Guard, request: TextRequest) -> GenerationResult:
+        return await asyncio.wrap_future(self.worker.submit(guard, self._within_guard(guard, request)))
 
-    async def open_stream(self, guard: Guard, request: EngineRequest) -> "TransformersStream":
-        settings = self._request(guard, request).settings
+    async def open_stream(self, guard: Guard, request: TextRequest) -> "TransformersStream":
+        request = self._within_guard(guard, request)
+        settings = request.settings
         streams: list[GuardedStream] = []
         try:
             for choice in range(settings.n):
-                # One decode per choice (each checks the prompt); choice i samples with seed + i, as in a batch.
-                seed = None if settings.seed is None else settings.seed + choice
-                one = self._request(guard, request, replace(settings, n=1, seed=seed))
-                streams.append(await to_thread.run_sync(stream_chat, guard, self.model, self.tokenizer, one))
+                # One decode per choice (each checks the prompt), seeded as choice ``choice`` of a batch.
+                one = replace(request, settings=replace(settings, n=1, seed=seed_for_choice(settings.seed, choice)))
+                streams.append(await to_thread.run_sync(start_stream, guard, self.model, self.tokenizer, one))
         except BaseException:
             for stream in streams:
                 await to_thread.run_sync(stream.close)

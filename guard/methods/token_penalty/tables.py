@@ -15,8 +15,8 @@ and one sparse vector add per penalised row:
   ``semantic_threshold`` similar lose ``soft_penalty × similarity`` logits (times a per-row strength).
 
 The per-step core (:class:`RowPenalty`) only needs one row's generated ids and its logits, so engines
-other than transformers (a vLLM logits processor) can drive it; :meth:`TokenPenalties.processor`
-wraps it as a transformers ``LogitsProcessor`` with per-row settings.
+can drive it: :mod:`.transformers` wraps it as a ``LogitsProcessor`` with per-row settings, :mod:`.vllm` as a
+vLLM logits processor, and :mod:`.logit_bias` turns the tables into a static OpenAI ``logit_bias``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor
 
 from detectors.alias import MIN_SQUASHED_LENGTH
 from guard.errors import TokenPenaltyError
@@ -195,27 +194,6 @@ class RowPenalty:
         self.apply(logits)
 
 
-class GuardLogitsProcessor(LogitsProcessor):
-    """Per-row token penalties for one ``generate`` call (it keeps per-row text state: use it once).
-
-    Rows whose entry is ``None`` are not touched at all, so their logits stay bit-identical.
-    """
-
-    def __init__(self, penalties: "TokenPenalties", rows: Sequence[PenaltyRow | None]):
-        self.rows = [RowPenalty(penalties, row) if row is not None and row.concept_ids else None for row in rows]
-        self._prompt_width: int | None = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if input_ids.shape[0] != len(self.rows):
-            raise TokenPenaltyError(f"processor built for {len(self.rows)} rows got a batch of {input_ids.shape[0]}")
-        if self._prompt_width is None:
-            self._prompt_width = input_ids.shape[1]
-        for index, row in enumerate(self.rows):
-            if row is not None:
-                row.step(input_ids[index, self._prompt_width:].tolist(), scores[index])
-        return scores
-
-
 class TokenPenalties:
     """Penalty tables of every concept of a policy for one tokenizer."""
 
@@ -238,13 +216,12 @@ class TokenPenalties:
         except KeyError:
             raise TokenPenaltyError(f"concept '{concept_id}' is not in policy '{self.policy.name}'") from None
 
-    def processor(self, rows: Sequence[PenaltyRow | None]) -> GuardLogitsProcessor:
-        """A transformers LogitsProcessor for one generate call; ``rows[i]`` configures batch row i."""
+    def check_rows(self, rows: Sequence[PenaltyRow | None]) -> None:
+        """Raise TokenPenaltyError for a row naming a concept the policy does not have."""
         for row in rows:
             if row is not None:
                 for concept_id in row.concept_ids:
                     self.concept(concept_id)
-        return GuardLogitsProcessor(self, rows)
 
     def row(self, row: PenaltyRow) -> RowPenalty:
         """The engine-neutral per-row core (for engines that call it themselves, e.g. a vLLM processor)."""
