@@ -370,7 +370,8 @@ _RawConcept = tuple[dict[str, Any], _Source, int]
 _CalibrationRef = tuple[str, _Source]  # the path as written, and the file that wrote it (its base and line)
 
 
-def _resolve_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict[str, Any], list[_RawConcept], _CalibrationRef | None]:
+def _resolve_file(path: Path, stack: tuple[Path, ...]
+                  ) -> tuple[dict[str, Any], list[_RawConcept], _CalibrationRef | None]:
     """Return (raw top-level data with composed defaults, [(raw concept, its source, its index)], calibration)."""
     path = path.resolve()
     if path in stack:
