@@ -87,7 +87,7 @@ def _rates(benign: np.ndarray, held_out: np.ndarray, detected_from: np.ndarray, 
     return recall, float(np.mean(benign >= threshold))
 
 
-def calibrate(policy: Policy, target_fpr: float = DEFAULT_TARGET_FPR, min_threshold: float = MIN_THRESHOLD,
+def calibrate_policy(policy: Policy, target_fpr: float = DEFAULT_TARGET_FPR, min_threshold: float = MIN_THRESHOLD,
               on_step: Callable[[int, int], None] | None = None) -> CalibrationResult:
     """Calibrate every concept of ``policy``; ``on_step(done, total)`` reports progress (one step per concept).
 
