@@ -36,15 +36,21 @@ def conformal_threshold(benign_scores: Sequence[float] | np.ndarray, target_fpr:
     That is the k-th smallest benign score, k = ceil((n + 1)(1 - α)), moved up by one float step: the detector
     flags ``score >= threshold``, so a benign score equal to the quantile must stay unflagged.
     """
+    scores = np.sort(np.asarray(benign_scores, dtype=np.float64))
+    _require_corpus(len(scores), target_fpr)
+    return float(np.nextafter(scores[_rank(len(scores), target_fpr) - 1], np.inf))
+
+
+def _rank(n: int, target_fpr: float) -> int:
+    return math.ceil((n + 1) * (1.0 - target_fpr) - 1e-9)  # the tolerance keeps 400 * 0.99 from rounding up to 397
+
+
+def _require_corpus(n: int, target_fpr: float) -> None:
     if not 0.0 < target_fpr < 1.0:
         raise ValueError(f"target false-positive rate must be between 0 and 1, got {target_fpr}")
-    scores = np.sort(np.asarray(benign_scores, dtype=np.float64))
-    n = len(scores)
-    k = math.ceil((n + 1) * (1.0 - target_fpr) - 1e-9)  # the tolerance keeps 400 * 0.99 from rounding up to 397
-    if k > n:
+    if _rank(n, target_fpr) > n:
         raise ValueError(f"{n} benign prompts cannot show a false-positive rate of {target_fpr}: "
                          f"it needs at least {math.ceil(1.0 / target_fpr) - 1}")
-    return float(np.nextafter(scores[k - 1], np.inf))
 
 
 @dataclass(frozen=True)
@@ -94,12 +100,13 @@ def calibrate_policy(policy: Policy, target_fpr: float = DEFAULT_TARGET_FPR, min
     Raises :class:`DetectorError` when the encoder cannot be loaded and ``ValueError`` when the corpus is too small
     for ``target_fpr``.
     """
+    corpus = read_prompts(SAFE_PROMPTS)
+    concepts = policy.concepts
+    _require_corpus(len(corpus), target_fpr)  # before minutes of encoding, not after
     try:
         encoder = CachedEncoder(load_sentence_encoder(policy.models.embedding), capacity=1 << 20)
     except ModelError as err:
         raise DetectorError(str(err)) from err
-    corpus = read_prompts(SAFE_PROMPTS)
-    concepts = policy.concepts
     entries: dict[str, CalibratedConcept] = {}
     reports: list[ConceptReport] = []
     for done, concept in enumerate(concepts, start=1):
