@@ -86,15 +86,25 @@ def _scores(detector: SemanticDetector, texts: Sequence[str], concept_id: str) -
     return scores, flagged
 
 
-def _rates(benign: np.ndarray, held_out: np.ndarray, detected_from: np.ndarray, threshold: float
+def _held_out(encoder: CachedEncoder, concept: Concept) -> tuple[np.ndarray, np.ndarray]:
+    """(score, not vetoed) of each exemplar against a detector holding the concept's other positives only."""
+    scores = np.zeros(len(concept.exemplars))
+    not_vetoed = np.zeros(len(concept.exemplars), dtype=bool)
+    for i, exemplar in enumerate(concept.exemplars):
+        rest = [*concept.exemplars[:i], *concept.exemplars[i + 1:], concept.description]
+        (scores[i],), (not_vetoed[i],) = _scores(_detector(encoder, concept, rest), [exemplar], concept.id)
+    return scores, not_vetoed
+
+
+def _rates(benign: np.ndarray, held_out: np.ndarray, not_vetoed: np.ndarray, threshold: float
            ) -> tuple[float | None, float]:
     """(recall of held-out exemplars, benign false-positive rate) at ``threshold``."""
-    recall = float(np.mean((held_out >= threshold) & detected_from)) if len(held_out) else None
+    recall = float(np.mean((held_out >= threshold) & not_vetoed)) if len(held_out) else None
     return recall, float(np.mean(benign >= threshold))
 
 
 def calibrate_policy(policy: Policy, target_fpr: float = DEFAULT_TARGET_FPR, min_threshold: float = MIN_THRESHOLD,
-              on_step: Callable[[int, int], None] | None = None) -> CalibrationResult:
+                     on_step: Callable[[int, int], None] | None = None) -> CalibrationResult:
     """Calibrate every concept of ``policy``; ``on_step(done, total)`` reports progress (one step per concept).
 
     Raises :class:`DetectorError` when the encoder cannot be loaded and ``ValueError`` when the corpus is too small
@@ -115,12 +125,7 @@ def calibrate_policy(policy: Policy, target_fpr: float = DEFAULT_TARGET_FPR, min
         scorer = _detector(encoder, concept, _positives(concept))
         benign, _ = _scores(scorer, benign_texts, concept.id)
         threshold = min(max(conformal_threshold(benign, target_fpr), min_threshold), 1.0)
-        held_out = np.zeros(len(concept.exemplars))
-        # Not flagged with a threshold of -1 means a negative exemplar vetoed the held-out exemplar.
-        not_vetoed = np.zeros(len(concept.exemplars), dtype=bool)
-        for i, exemplar in enumerate(concept.exemplars):
-            rest = [*concept.exemplars[:i], *concept.exemplars[i + 1:], concept.description]
-            held_out[i:i + 1], not_vetoed[i:i + 1] = _scores(_detector(encoder, concept, rest), [exemplar], concept.id)
+        held_out, not_vetoed = _held_out(encoder, concept)
         recall, fpr = _rates(benign, held_out, not_vetoed, threshold)
         current = concept.detection.semantic_threshold
         current_recall, current_fpr = _rates(benign, held_out, not_vetoed, current)

@@ -123,7 +123,8 @@ def test_calibrated_thresholds_hold_the_target_rate_on_the_benign_set(calibrated
 
 def test_loading_applies_calibration_and_explicit_thresholds_win(calibrated) -> None:
     policy_file, result = calibrated
-    explicit = POLICY.replace("    aliases: [dragon]\n", "    aliases: [dragon]\n    detection: {semantic_threshold: 0.9}\n")
+    explicit = POLICY.replace("    aliases: [dragon]\n",
+                              "    aliases: [dragon]\n    detection: {semantic_threshold: 0.9}\n")
     policy = load_policy(referencing(policy_file, explicit))
     entries = result.calibration.concepts
     assert policy.concept("poison").detection.semantic_threshold == entries["poison"].semantic_threshold
@@ -133,8 +134,16 @@ def test_loading_applies_calibration_and_explicit_thresholds_win(calibrated) -> 
     assert policy.calibrated("dragons") == entries["dragons"]
     plain = load_policy(policy_file, apply_calibration=False)
     assert plain.concept("poison").detection.semantic_threshold == 0.55
-    assert plain.calibrated("poison") is None and plain.calibration_path == policy_file.parent / "calib.calibration.yaml"
+    assert plain.calibrated("poison") is None
+    assert plain.calibration_path == policy_file.parent / "calib.calibration.yaml"
     assert policy.fingerprint != plain.fingerprint  # calibrated thresholds change behaviour, so the version tag
+    # A policy extending this one inherits its calibration, resolved against the file that names it.
+    child = policy_file.parent / "sub" / "child.yaml"
+    child.parent.mkdir(exist_ok=True)
+    child.write_text("name: child\nextends: [../calib.yaml]\nconcepts: []\n")
+    inherited = load_policy(child)
+    assert inherited.concept("poison").detection.semantic_threshold == entries["poison"].semantic_threshold
+    assert inherited.calibration_path == plain.calibration_path
 
 
 def test_stale_calibration_names_the_changed_concept(calibrated) -> None:

@@ -37,7 +37,8 @@ def check(file: PolicyFile) -> None:
         table.add_column(column)
     for c in policy.concepts:
         table.add_row(c.id, c.kind.value, c.action.type.value, str(len(c.aliases)), str(len(c.exemplars)),
-                      str(len(c.negatives)), f"{c.detection.semantic_threshold:.2f}", _calibration_status(policy, c.id))
+                      str(len(c.negatives)), f"{c.detection.semantic_threshold:.2f}",
+                      _calibration_status(policy, c.id))
     console.print(table)
     console.print(f"{file}: policy '{policy.name}' ({policy.version_tag}) is valid: {len(policy.concepts)} concepts",
                   highlight=False, soft_wrap=True)
@@ -83,9 +84,10 @@ def calibrate(
     file: PolicyFile,
     target_fpr: Annotated[float, typer.Option(help="False-positive rate to calibrate each concept to.")] = (
         DEFAULT_TARGET_FPR),
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Calibration file to write (default: the one the "
-                                                                  "policy references, else <policy>.calibration.yaml).",
-                                             show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", show_default=False,
+        help="Calibration file to write (default: the one the policy references, else <policy>.calibration.yaml).",
+    )] = None,
 ) -> None:
     """Set each concept's semantic threshold to a target false-positive rate (split conformal) and report recall."""
     if not 0.0 < target_fpr < 1.0:
@@ -112,8 +114,8 @@ def calibrate(
         table.add_column(column, justify="right")
     for report in result.reports:
         entry = report.calibrated
-        table.add_row(report.concept_id, f"{entry.semantic_threshold:.3f}", _percent(entry.recall), _percent(entry.fpr),
-                      f"{entry.n_positives}/{entry.n_benign}", f"{report.current_threshold:.3f}, "
+        table.add_row(report.concept_id, f"{entry.semantic_threshold:.3f}", _percent(entry.recall),
+                      _percent(entry.fpr), f"{entry.n_positives}/{entry.n_benign}", f"{report.current_threshold:.3f}, "
                       f"{_percent(report.current_recall)}, {_percent(report.current_fpr)}")
     console.print(table)
     console.print(f"wrote {target}", highlight=False, soft_wrap=True)
