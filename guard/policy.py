@@ -3,7 +3,9 @@
 A policy is the contract between a safety team and the guard, so this module is the only place that
 knows its shape. Loading either returns a fully validated, fully resolved :class:`Policy` (defaults
 merged into every concept, included files composed) or raises :class:`PolicyError` whose message
-names file, line and field — a bad policy must never become a silently weaker guard.
+names file, line and field — a bad policy must never become a silently weaker guard. A policy may reference a
+calibration file (written by ``guard policy calibrate``) whose per-concept thresholds are applied at load time,
+and only while they still match the concepts and the embedding model they were measured for.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from guard.errors import PolicyError
 
@@ -173,6 +175,37 @@ class Models(_Strict):
     embedding: str = Field("embedded:minilm", description="Sentence encoder used by the semantic detector.")
 
 
+def concept_digest(concept: Concept) -> str:
+    """Hash of what a calibration measured (the texts the detectors read), so an edited concept is noticed."""
+    measured = {"id": concept.id, "description": concept.description, "aliases": concept.aliases,
+                "exemplars": concept.exemplars, "negatives": concept.negatives}
+    return hashlib.sha256(json.dumps(measured, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class CalibratedConcept(_Strict):
+    """One concept's calibrated semantic threshold and what it measured at that threshold."""
+
+    digest: str = Field(description="concept_digest of the concept when it was calibrated.")
+    semantic_threshold: Fraction
+    recall: Fraction | None = Field(description="Share of held-out exemplars flagged (leave-one-out); "
+                                                "null for a concept without exemplars.")
+    fpr: Fraction = Field(description="Share of the benign corpus scoring at or above the threshold.")
+    n_positives: int = Field(ge=0, description="Held-out exemplars scored.")
+    n_benign: int = Field(ge=1, description="Benign prompts scored (shipped corpus plus the concept's negatives).")
+
+
+class Calibration(_Strict):
+    """A calibration file: semantic thresholds set to a target false-positive rate on a benign corpus."""
+
+    version: Literal[1] = 1
+    policy: str = Field(description="Name of the calibrated policy (for people; the digests are what is checked).")
+    embedding: str = Field(description="Sentence encoder the scores came from; must equal the policy's.")
+    target_fpr: Annotated[float, Field(gt=0, lt=1)]
+    min_threshold: Fraction = Field(description="Floor below which no threshold was set.")
+    benign_corpus: str = Field(description="Which benign prompts were scored.")
+    concepts: dict[str, CalibratedConcept]
+
+
 class Policy(_Strict):
     """A resolved policy. ``concepts`` already carry the merged defaults."""
 
@@ -183,7 +216,14 @@ class Policy(_Strict):
     models: Models = Field(default_factory=Models)
     defaults: Defaults = Field(default_factory=Defaults)
     certify: CertifySettings | None = None
+    calibration: str | None = Field(
+        None, description="Calibration file from `guard policy calibrate`, relative to this file. Its thresholds "
+                          "replace the defaults of every calibrated concept; a concept's own "
+                          "detection.semantic_threshold still wins.")
     concepts: list[Concept] = Field(default_factory=list)
+    _calibration_path: Path | None = PrivateAttr(None)
+    _calibration: Calibration | None = PrivateAttr(None)
+    _explicit_thresholds: frozenset[str] = PrivateAttr(frozenset())
 
     @model_validator(mode="after")
     def _unique_ids(self) -> "Policy":
@@ -216,6 +256,21 @@ class Policy(_Strict):
         template = self.concept(concept_ids[0]).action.message
         return template.replace("{concepts}", ", ".join(concept_ids))
 
+    @property
+    def calibration_path(self) -> Path | None:
+        """The referenced calibration file, resolved against the policy file that names it."""
+        return self._calibration_path
+
+    def calibrated(self, concept_id: str) -> CalibratedConcept | None:
+        """The applied calibration's entry for a concept (None: uncalibrated, or loaded without calibration)."""
+        return self._calibration.concepts.get(concept_id) if self._calibration else None
+
+    def threshold_source(self, concept_id: str) -> Literal["calibration", "policy", "default"]:
+        """Where a concept's semantic threshold came from: the calibration file, the concept itself, or defaults."""
+        if concept_id in self._explicit_thresholds:
+            return "policy"
+        return "calibration" if self.calibrated(concept_id) else "default"
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
@@ -224,7 +279,7 @@ class Policy(_Strict):
 class _Source:
     """One parsed YAML file plus a map from data paths to source lines, for error messages."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, shape: str = "a policy must be a mapping with a 'concepts' list"):
         self.path = path
         try:
             text = path.read_text(encoding="utf-8")
@@ -241,7 +296,7 @@ class _Source:
         if self.data is None:
             raise PolicyError(path, "the file is empty")
         if not isinstance(self.data, dict):
-            raise PolicyError(path, "a policy must be a mapping with a 'concepts' list", line=1)
+            raise PolicyError(path, shape, line=1)
         self.lines: dict[tuple[Any, ...], int] = {}
         self._index(node, ())
 
@@ -277,7 +332,8 @@ def _format_path(path: tuple[Any, ...]) -> str:
 def _all_field_names() -> set[str]:
     names: set[str] = set()
     for model in (Policy, Defaults, Concept, Action, DetectionSettings, MethodSettings, TokenPenaltySettings,
-                  SemanticSurgerySettings, AdaVDSettings, UCESettings, CertifySettings, Models):
+                  SemanticSurgerySettings, AdaVDSettings, UCESettings, CertifySettings, Models, Calibration,
+                  CalibratedConcept):
         for name, info in model.model_fields.items():
             names.add(info.alias or name)
     return names
@@ -317,10 +373,13 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
 
 
 _CONCEPT_INHERITED = ("action", "detection", "methods")
+_RawConcept = tuple[dict[str, Any], _Source, int]
+_CalibrationRef = tuple[str, _Source]  # the path as written, and the file that wrote it (its base and line)
 
 
-def _resolve_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict[str, Any], list[tuple[dict[str, Any], _Source, int]]]:
-    """Return (raw top-level data with composed defaults, [(raw concept, its source, its index)])."""
+def _resolve_file(path: Path, stack: tuple[Path, ...]
+                  ) -> tuple[dict[str, Any], list[_RawConcept], _CalibrationRef | None]:
+    """Return (raw top-level data with composed defaults, [(raw concept, its source, its index)], calibration)."""
     path = path.resolve()
     if path in stack:
         chain = " -> ".join(p.name for p in stack + (path,))
@@ -336,12 +395,14 @@ def _resolve_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict[str, Any], 
     defaults: dict[str, Any] = {}
     models: dict[str, Any] = {}
     certify: dict[str, Any] | None = None
-    concepts: dict[str, tuple[dict[str, Any], _Source, int]] = {}
+    calibration: _CalibrationRef | None = None
+    concepts: dict[str, _RawConcept] = {}
     for i, include in enumerate(extends):
         include_path = (path.parent / include)
         if not include_path.exists():
             raise source.error(("extends", i), f"included file '{include}' not found")
-        parent, parent_concepts = _resolve_file(include_path, stack + (path,))
+        parent, parent_concepts, parent_calibration = _resolve_file(include_path, stack + (path,))
+        calibration = parent_calibration or calibration
         defaults = _deep_merge(defaults, parent.get("defaults", {}))
         models = _deep_merge(models, parent.get("models", {}))
         certify = parent.get("certify", certify)
@@ -358,6 +419,8 @@ def _resolve_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict[str, Any], 
     models = _deep_merge(models, data.get("models") or {})
     if "certify" in data:
         certify = data["certify"]
+    if data.get("calibration") is not None:
+        calibration = (data["calibration"], source)
 
     raw_concepts = data.get("concepts", [])
     if not isinstance(raw_concepts, list):
@@ -374,13 +437,19 @@ def _resolve_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict[str, Any], 
     resolved = {**own, "defaults": defaults, "models": models}
     if certify is not None:
         resolved["certify"] = certify
-    return resolved, list(concepts.values())
+    if calibration is not None:
+        resolved["calibration"] = calibration[0]
+    return resolved, list(concepts.values()), calibration
 
 
-def load_policy(path: str | Path) -> Policy:
-    """Load, compose and validate a policy file; raise :class:`PolicyError` on any problem."""
+def load_policy(path: str | Path, apply_calibration: bool = True) -> Policy:
+    """Load, compose and validate a policy file; raise :class:`PolicyError` on any problem.
+
+    ``apply_calibration=False`` keeps the policy's own thresholds and skips checking the calibration file
+    (``guard policy calibrate`` must be able to replace a stale one).
+    """
     path = Path(path)
-    top, raw_concepts = _resolve_file(path, ())
+    top, raw_concepts, calibration = _resolve_file(path, ())
     source = _Source(path.resolve())
     defaults_raw = top.get("defaults", {})
     concepts: list[Concept] = []
@@ -401,7 +470,61 @@ def load_policy(path: str | Path) -> Policy:
     policy.concepts = concepts
     if not policy.concepts:
         raise PolicyError(path, "the policy defines no concepts", line=1, field="concepts")
+    policy._explicit_thresholds = frozenset(
+        c.id for c, (raw, _, _) in zip(concepts, raw_concepts)
+        if isinstance(raw.get("detection"), dict) and "semantic_threshold" in raw["detection"])
+    if calibration is not None:
+        written, declared_in = calibration
+        policy._calibration_path = (declared_in.path.parent / written).resolve()
+        if apply_calibration:
+            _apply_calibration(policy, policy._calibration_path, declared_in, raw_concepts)
     return policy
+
+
+def _parse_calibration(path: Path) -> tuple[Calibration, _Source]:
+    source = _Source(path, shape="a calibration file must be a mapping written by `guard policy calibrate`")
+    try:
+        return Calibration.model_validate(source.data), source
+    except ValidationError as err:
+        raise _validation_error(source, err) from None
+
+
+def load_calibration(path: Path) -> Calibration:
+    """Read and validate a calibration file; errors name its file and line like policy errors."""
+    return _parse_calibration(path)[0]
+
+
+def save_calibration(calibration: Calibration, path: Path) -> None:
+    """Write a calibration file (floats keep full precision, so a threshold reads back exactly)."""
+    header = "# Written by `guard policy calibrate`; reference it from the policy with `calibration: <this file>`.\n"
+    body = yaml.safe_dump(calibration.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    path.write_text(header + body, encoding="utf-8")
+
+
+def _apply_calibration(policy: Policy, path: Path, declared_in: _Source, raw_concepts: list[_RawConcept]) -> None:
+    """Take each calibrated concept's threshold unless the concept sets its own; refuse anything that no longer
+    matches what was calibrated, since a stale threshold could flag far less than the report said."""
+    where = ("calibration",)
+    rerun = f"run `guard policy calibrate {declared_in.path.name}`"
+    if not path.is_file():
+        raise declared_in.error(where, f"calibration file '{path}' not found ({rerun})")
+    calibration, calibration_source = _parse_calibration(path)
+    if calibration.embedding != policy.models.embedding:
+        raise declared_in.error(where, f"'{path.name}' was calibrated for embedding model '{calibration.embedding}' "
+                                       f"but the policy uses '{policy.models.embedding}' ({rerun})")
+    by_id = {concept.id: (concept, raw) for concept, raw in zip(policy.concepts, raw_concepts)}
+    for concept_id, entry in calibration.concepts.items():
+        if concept_id not in by_id:
+            raise calibration_source.error(("concepts", concept_id),
+                                           f"calibrated concept '{concept_id}' is not in the policy ({rerun})")
+        concept, (_, source, index) = by_id[concept_id]
+        if entry.digest != concept_digest(concept):
+            raise source.error(("concepts", index), f"concept '{concept_id}' changed since it was calibrated in "
+                                                    f"'{path.name}' (exemplars, negatives, aliases or description; "
+                                                    f"{rerun})")
+        if concept_id not in policy._explicit_thresholds:
+            concept.detection.semantic_threshold = entry.semantic_threshold
+    policy._calibration = calibration
 
 
 def policy_json_schema() -> dict[str, Any]:

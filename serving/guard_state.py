@@ -103,10 +103,13 @@ class GuardState:
         return True
 
     def watched_paths(self) -> list[Path]:
-        """The policy's folder and the folders of the files it extends (edits there change the policy)."""
+        """The policy's folder and the folders of the files it extends and of its calibration (edits there change
+        the policy)."""
         folders = {self.policy_path.resolve().parent}
         for include in self.guard.policy.extends:
             folders.add((self.policy_path.parent / include).resolve().parent)
+        if self.guard.policy.calibration_path is not None:
+            folders.add(self.guard.policy.calibration_path.parent)
         return sorted(folders)
 
     async def watch(self) -> None:

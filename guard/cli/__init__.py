@@ -15,9 +15,10 @@ from guard.cli import certify, edit, policy, serve
 app = typer.Typer(help="erasure-guard: make deployed generative models forget what a policy forbids.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
-policy_app = typer.Typer(help="Validate and inspect policy files.", no_args_is_help=True)
+policy_app = typer.Typer(help="Validate, inspect and calibrate policy files.", no_args_is_help=True)
 policy_app.command("check")(policy.check)
 policy_app.command("explain")(policy.explain)
+policy_app.command("calibrate")(policy.calibrate)
 policy_app.command("schema")(policy.schema)
 app.add_typer(policy_app, name="policy")
 app.command("serve")(serve.serve)

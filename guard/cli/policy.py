@@ -1,40 +1,64 @@
-"""``guard policy check | explain | schema``: validate and inspect policy files."""
+"""``guard policy check | explain | calibrate | schema``: validate, inspect and calibrate policy files."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from detectors.calibration import DEFAULT_TARGET_FPR, calibrate_policy
 from detectors.classifier import PolicyClassifier
-from guard.cli.output import console, fail
+from guard.cli.output import console, errors, fail
 from guard.errors import DetectorError, ModelError, PolicyError
 from guard.methods.registry import enabled_methods
-from guard.policy import load_policy, policy_json_schema
+from guard.policy import Policy, load_policy, policy_json_schema, save_calibration
 
 PolicyFile = Annotated[Path, typer.Argument(help="Policy YAML file.", show_default=False)]
 
 
 def check(file: PolicyFile) -> None:
-    """Validate a policy file and print a summary of its concepts."""
+    """Validate a policy file and print a summary of its concepts, warning about uncalibrated ones.
+
+    "calibrated" is yes (threshold from the calibration file), overridden (calibrated, but the concept sets its own
+    threshold) or no (the threshold's false-positive rate was never measured).
+    """
     try:
         policy = load_policy(file)
     except PolicyError as err:
         raise fail(str(err)) from None
     table = Table()
     table.add_column("concept", no_wrap=True)
-    for column in ("kind", "action", "aliases", "exemplars", "negatives", "threshold", "methods"):
+    for column in ("kind", "action", "aliases", "exemplars", "negatives", "threshold", "calibrated",
+                   "methods"):
         table.add_column(column)
     for c in policy.concepts:
         table.add_row(c.id, c.kind.value, c.action.type.value, str(len(c.aliases)), str(len(c.exemplars)),
                       str(len(c.negatives)), f"{c.detection.semantic_threshold:.2f}",
-                      ", ".join(m.name for m in enabled_methods(c)))
+                      _calibration_status(policy, c.id), ", ".join(m.name for m in enabled_methods(c)))
     console.print(table)
     console.print(f"{file}: policy '{policy.name}' ({policy.version_tag}) is valid: {len(policy.concepts)} concepts",
                   highlight=False, soft_wrap=True)
+    uncalibrated = [c.id for c in policy.concepts if policy.calibrated(c.id) is None]
+    if uncalibrated:
+        errors.print(f"[yellow]warning:[/] {len(uncalibrated)} uncalibrated concept(s), whose semantic threshold has "
+                     f"no measured false-positive rate: {escape(', '.join(uncalibrated))} (run `guard policy "
+                     f"calibrate {escape(str(file))}`)", highlight=False, soft_wrap=True)
+
+
+def _calibration_status(policy: Policy, concept_id: str) -> str:
+    if policy.calibrated(concept_id) is None:
+        return "[yellow]no[/]"
+    return "overridden" if policy.threshold_source(concept_id) == "policy" else "yes"
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 def explain(file: PolicyFile,
@@ -56,6 +80,50 @@ def explain(file: PolicyFile,
     console.print(table)
     flagged = result.flagged_ids
     console.print(f"flagged: {', '.join(flagged)}" if flagged else "flagged: none")
+
+
+def calibrate(
+    file: PolicyFile,
+    target_fpr: Annotated[float, typer.Option(help="False-positive rate to calibrate each concept to.")] = (
+        DEFAULT_TARGET_FPR),
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", show_default=False,
+        help="Calibration file to write (default: the one the policy references, else <policy>.calibration.yaml).",
+    )] = None,
+) -> None:
+    """Set each concept's semantic threshold to a target false-positive rate (split conformal) and report recall."""
+    if not 0.0 < target_fpr < 1.0:
+        raise fail(f"--target-fpr must be between 0 and 1, got {target_fpr}")
+    try:
+        policy = load_policy(file, apply_calibration=False)  # a stale calibration is what this replaces
+        columns = (TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=errors, transient=True) as progress:
+            task = progress.add_task("calibrate", total=len(policy.concepts))
+            result = calibrate_policy(policy, target_fpr,
+                                      on_step=lambda done, total: progress.update(task, completed=done, total=total))
+    except (PolicyError, ModelError, DetectorError, ValueError) as err:
+        raise fail(str(err)) from None
+    target = out or policy.calibration_path or file.with_name(f"{file.stem}.calibration.yaml")
+    try:
+        save_calibration(result.calibration, target)
+    except OSError as err:
+        raise fail(f"cannot write {target}: {err}") from None
+
+    table = Table(title=f"policy '{policy.name}' calibrated to FPR ≤ {100 * target_fpr:g}% "
+                        f"(recall: held-out exemplars, leave-one-out)")
+    table.add_column("concept", no_wrap=True)
+    for column in ("threshold", "recall", "FPR", "n", "current (threshold, recall, FPR)"):
+        table.add_column(column, justify="right")
+    for report in result.reports:
+        entry = report.calibrated
+        table.add_row(report.concept_id, f"{entry.semantic_threshold:.3f}", _percent(entry.recall),
+                      _percent(entry.fpr), f"{entry.n_positives}/{entry.n_benign}", f"{report.current_threshold:.3f}, "
+                      f"{_percent(report.current_recall)}, {_percent(report.current_fpr)}")
+    console.print(table)
+    console.print(f"wrote {target}", highlight=False, soft_wrap=True)
+    if policy.calibration_path != target.resolve():
+        relative = os.path.relpath(target.resolve(), file.resolve().parent)
+        console.print(f"to apply it, add `calibration: {relative}` to {file}", highlight=False, soft_wrap=True)
 
 
 def schema(out: Annotated[Path, typer.Option(help="Where to write the JSON schema.")] = Path(
