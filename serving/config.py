@@ -25,6 +25,7 @@ class ServerSettings:
     upstream_timeout_s: float = 600.0
     api_keys: tuple[str, ...] = ()  # empty: no authentication
     max_request_bytes: int = 1_000_000
+    max_checked_chars: int = 32_000  # longer input (all messages, or one prompt) gets 400, never a partial check
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
     default_max_tokens: int = 256  # chat requests without max_tokens
     max_n: int = 8
@@ -43,8 +44,8 @@ class ServerSettings:
         if self.engine != "upstream" and (self.upstream_url or self.upstream_tokenizer or self.upstream_api_key):
             raise SettingsError("--upstream, --upstream-tokenizer and --upstream-api-key only apply to the "
                                 "upstream engine")
-        for name in ("max_request_bytes", "max_tokens_limit", "default_max_tokens", "max_n", "max_batch_size",
-                     "stream_check_interval"):
+        for name in ("max_request_bytes", "max_checked_chars", "max_tokens_limit", "default_max_tokens", "max_n",
+                     "max_batch_size", "stream_check_interval"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1")
         if self.upstream_timeout_s <= 0:

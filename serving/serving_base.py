@@ -114,6 +114,55 @@ class GuardedServing(ABC, Generic[RequestT]):
         error.headers.update(guard_headers(policy, []))
         return error
 
+    def check_length(self, texts: Sequence[str], param: str) -> None:
+        """400 for input longer than the guard checks (``--max-checked-chars``): never a partial check."""
+        length = sum(len(text) for text in texts)
+        limit = self.settings.max_checked_chars
+        if length > limit:
+            raise self.invalid(invalid_request(
+                f"'{param}' holds {length} characters; the guard checks at most {limit} characters of input per "
+                "request on this server (--max-checked-chars)", param, code="context_length_exceeded"))
+
+    async def certify(self, active: ActiveGuard, prompts: Sequence[str], user: str | None) -> dict[str, str]:
+        """erase-and-check each prompt before anything is generated; the ``x-guard-certificate`` header, or {}.
+
+        Only policies with a ``certify:`` block certify. A flagged prompt is refused (400); certification that
+        cannot run refuses the request (503): never an uncertified answer.
+        """
+        certifier, guard = active.certifier, active.guard
+        if certifier is None:
+            return {}
+
+        def run() -> tuple[list[Certificate], list[str]]:
+            certificates: list[Certificate] = []
+            for prompt in prompts:
+                with self.metrics.guard_timer("certify"):
+                    certificates.append(certifier.certify(prompt))
+                if certificates[-1].flagged:
+                    return certificates, guard.classify([certificates[-1].trigger or ""]).refused
+            return certificates, []
+
+        try:
+            certificates, concept_ids = await to_thread.run_sync(run)
+        except Exception as err:  # noqa: BLE001 - any certification fault fails closed, with its cause
+            raise self.unavailable(guard.policy, err) from None
+        header = {"x-guard-certificate": ", ".join(c.header_value() for c in certificates)}
+        last = certificates[-1]
+        if not last.flagged:
+            return header
+        if last.trigger_erased_tokens == 0 and concept_ids:
+            # The prompt itself names a refused concept: the guard's own refusal, as without certification.
+            error = self.refuse(guard.policy, concept_ids, guard.refusal_message(concept_ids), user)
+        else:
+            # Harmful behind up to d extra tokens (an adversarial suffix, say), or caught only by the
+            # harmful-request classifier of ``filter: both``: a prompt the guard's own check would pass.
+            message = (f"Sorry, I can't help with that: erase-and-check (mode={last.mode}, "
+                       f"d={last.max_erase}) flagged this prompt as harmful.")
+            error = self.refuse(guard.policy, concept_ids, message, user, stage="certify",
+                                blocked=concept_ids or ["erase-and-check"])
+        error.headers.update(header)
+        raise error
+
     @staticmethod
     def response(body: BaseModel, policy: Policy, flagged: Sequence[str],
                  headers: Mapping[str, str]) -> JSONResponse:
@@ -157,46 +206,6 @@ class TextServing(GuardedServing[SamplingRequestT]):
                                 temperature=1.0 if request.temperature is None else request.temperature,
                                 top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed,
                                 stop=request.stop_sequences, n=request.n, logit_bias=request.client_logit_bias())
-
-    async def certify(self, active: ActiveGuard, prompts: Sequence[str], user: str | None) -> dict[str, str]:
-        """erase-and-check each prompt before anything is generated; the ``x-guard-certificate`` header, or {}.
-
-        Only policies with a ``certify:`` block certify. A flagged prompt is refused (400); certification that
-        cannot run refuses the request (503): never an uncertified answer.
-        """
-        certifier, guard = active.certifier, active.guard
-        if certifier is None:
-            return {}
-
-        def run() -> tuple[list[Certificate], list[str]]:
-            certificates: list[Certificate] = []
-            for prompt in prompts:
-                with self.metrics.guard_timer("certify"):
-                    certificates.append(certifier.certify(prompt))
-                if certificates[-1].flagged:
-                    return certificates, guard.classify([certificates[-1].trigger or ""]).refused
-            return certificates, []
-
-        try:
-            certificates, concept_ids = await to_thread.run_sync(run)
-        except Exception as err:  # noqa: BLE001 - any certification fault fails closed, with its cause
-            raise self.unavailable(guard.policy, err) from None
-        header = {"x-guard-certificate": ", ".join(c.header_value() for c in certificates)}
-        last = certificates[-1]
-        if not last.flagged:
-            return header
-        if last.trigger_erased_tokens == 0 and concept_ids:
-            # The prompt itself names a refused concept: the guard's own refusal, as without certification.
-            error = self.refuse(guard.policy, concept_ids, guard.refusal_message(concept_ids), user)
-        else:
-            # Harmful behind up to d extra tokens (an adversarial suffix, say), or caught only by the
-            # harmful-request classifier of ``filter: both``: a prompt the guard's own check would pass.
-            message = (f"Sorry, I can't help with that: erase-and-check (mode={last.mode}, "
-                       f"d={last.max_erase}) flagged this prompt as harmful.")
-            error = self.refuse(guard.policy, concept_ids, message, user, stage="certify",
-                                blocked=concept_ids or ["erase-and-check"])
-        error.headers.update(header)
-        raise error
 
     async def generate(self, guard: Guard, requests: list[TextRequest]) -> list[GenerationResult]:
         """Guarded answers to the prompts of one HTTP request (concurrently, so the engine can batch them)."""

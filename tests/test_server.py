@@ -194,6 +194,23 @@ def test_bad_json_unknown_model_and_oversized_body(embedded_server: RunningServe
     assert unknown_route.status_code == 404 and "error" in unknown_route.json()
 
 
+def test_input_longer_than_the_checked_limit_is_a_400_naming_the_limit(embedded_server: RunningServer) -> None:
+    """The guard never checks part of a request: past --max-checked-chars the request is refused, whole."""
+    limit = embedded_server.app.state.context.settings.max_checked_chars
+    half = "The weather was mild and the market was busy. " * (limit // 90 + 1)
+    client = embedded_server.client()
+    with pytest.raises(openai.BadRequestError) as chat_error:
+        client.chat.completions.create(model=MODEL, max_tokens=2, messages=[
+            {"role": "system", "content": half}, {"role": "user", "content": half}])
+    assert chat_error.value.code == "context_length_exceeded" and chat_error.value.param == "messages"
+    assert str(limit) in chat_error.value.message
+    with pytest.raises(openai.BadRequestError) as completion_error:
+        client.completions.create(model=MODEL, max_tokens=2, prompt=half + half)
+    assert completion_error.value.code == "context_length_exceeded" and completion_error.value.param == "prompt"
+    within = client.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": half}])
+    assert within.choices[0].finish_reason in ("stop", "length")
+
+
 def test_client_logit_bias_cannot_raise_a_penalised_token(embedded_server: RunningServer) -> None:
     tokenizer = embedded_server.app.state.context.engine.tokenizer
 

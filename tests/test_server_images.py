@@ -121,6 +121,20 @@ def test_refused_concept_is_a_400_content_policy_violation(image_server: Running
     assert re.search(r'^guard_requests_total\{endpoint="images",outcome="blocked_prompt"\} [1-9]', metrics, re.M)
 
 
+def test_image_prompts_go_through_the_text_detectors(image_server: RunningServer) -> None:
+    """A disguised name the pipeline's own embedding check cannot read is still refused by the alias detector;
+    a negative prompt naming a concept is classified and reported, never refused (it steers away from it)."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        generate(image_server, "the castle of H4rry P0tt3r at night")
+    assert refused.value.code == "content_policy_violation" and "harry-potter" in refused.value.message
+    away = generate(image_server, "a castle at night", extra_body={"negative_prompt": "Harry Potter, nude"})
+    assert set(away.headers["x-guard-negative-prompt-flagged"].split(",")) == {"harry-potter", "nudity"}
+    assert away.headers["x-guard-flagged"] == "" and len(away.parse().data) == 1
+    with pytest.raises(openai.BadRequestError) as too_long:
+        generate(image_server, "a castle " * 4000)
+    assert too_long.value.code == "context_length_exceeded" and too_long.value.param == "prompt"
+
+
 @pytest.mark.parametrize(("options", "status", "param", "code"), [
     ({"response_format": "url"}, 400, "response_format", "unsupported_parameter"),
     ({"n": 11}, 400, "n", "invalid_value"),

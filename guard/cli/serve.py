@@ -41,6 +41,9 @@ def serve(
                                                       help="Accepted Bearer key (repeat for several); "
                                                            "none: no authentication.")] = None,
     max_request_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 1_000_000,
+    max_checked_chars: Annotated[int, typer.Option(help="Requests whose input (all messages, or one prompt) is "
+                                                        "longer get 400: the guard never checks part of a request."
+                                                   )] = 32_000,
     max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 4096,
     default_max_tokens: Annotated[int, typer.Option(help="max_tokens of chat requests that set none.")] = 256,
     batch_wait_ms: Annotated[float, typer.Option(help="How long to gather concurrent requests into one batch.")] = 5.0,
@@ -74,7 +77,8 @@ def serve(
             policy_path=policy_file, model=model, engine=chosen, served_model_name=served_model_name,
             upstream_url=upstream, upstream_api_key=upstream_api_key, upstream_tokenizer=upstream_tokenizer,
             upstream_timeout_s=upstream_timeout,
-            api_keys=tuple(api_key or ()), max_request_bytes=max_request_bytes, max_tokens_limit=max_tokens_limit,
+            api_keys=tuple(api_key or ()), max_request_bytes=max_request_bytes, max_checked_chars=max_checked_chars,
+            max_tokens_limit=max_tokens_limit,
             default_max_tokens=default_max_tokens, batch_wait_ms=batch_wait_ms, max_batch_size=max_batch_size,
             reload_policy=reload, vllm_options=vllm_options, image_model=image_model,
             image_nsfw_threshold=image_nsfw_threshold)

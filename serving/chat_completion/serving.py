@@ -57,6 +57,7 @@ class ChatServing(TextServing[ChatCompletionRequest]):
         param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         settings = self.sampling(request, request.requested_max_tokens, param)
         engine_request = TextRequest(settings, messages=request.plain_messages(), user=request.end_user)
+        self.check_length(engine_request.guard_texts, "messages")
         certificate = await self.certify(active, ["\n".join(engine_request.guard_texts)], request.end_user)
 
         if request.stream:

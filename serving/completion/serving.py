@@ -51,6 +51,8 @@ class CompletionServing(TextServing[CompletionRequest]):
         prompts = request.prompts
         if not prompts or not all(prompts):
             raise self.invalid(invalid_request("'prompt' must not be empty", "prompt"))
+        for prompt in prompts:
+            self.check_length([prompt], "prompt")
         settings = self.sampling(request, request.max_tokens)
 
         if request.stream:

@@ -1,6 +1,7 @@
 """Guarded image generation: the policy's image guard (guard.images.pipeline) behind the OpenAI images API.
 
-The prompt is checked on the pipeline's own text embedding, then concepts are refused (400
+The prompt is checked by the text detectors (as chat prompts are, with erase-and-check when the policy certifies)
+and on the pipeline's own text embedding, then concepts are refused (400
 content_policy_violation), erased while generating, or logged; what the guard did travels in the ``x-guard-*``
 headers of every endpoint (:mod:`serving.serving_base`) plus ``x-guard-seed``, so the body stays exactly
 OpenAI-shaped. Generation is blocking GPU/CPU work and runs in a worker thread; the image guard serialises
@@ -16,7 +17,8 @@ from typing import TYPE_CHECKING
 from anyio import to_thread
 from fastapi.responses import JSONResponse
 
-from guard.errors import GuardUnavailable, ModelError
+from guard.decision import Guard
+from guard.errors import ConceptRefused, GuardUnavailable, ModelError
 from guard.policy import Policy
 from serving.errors import OpenAIError, invalid_request, model_not_found, unsupported_parameter
 from serving.images.protocol import ImageData, ImageGenerationRequest, ImagesResponse
@@ -52,7 +54,11 @@ class ImageServing(GuardedServing[ImageGenerationRequest]):
         from guard.images.pipeline import ImageRefused  # already loaded: the image guard exists
         if (unsupported := request.unsupported()) is not None:
             raise self.invalid(unsupported_parameter(*unsupported))
-        policy = images.policy
+        active = self.context.guard_state.active
+        policy = active.guard.policy
+        self.check_length([request.prompt, request.negative_prompt or ""], "prompt")
+        certificate = await self.certify(active, [request.prompt], request.user)
+        text_flagged, negative_flagged = await self._check_texts(active.guard, request)
         generate = partial(images.generate, request.prompt, n=request.n, size=request.dimensions, seed=request.seed,
                            steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
                            negative_prompt=request.negative_prompt)
@@ -69,7 +75,23 @@ class ImageServing(GuardedServing[ImageGenerationRequest]):
         self.count("ok")
         response = ImagesResponse(data=[ImageData(b64_json=base64.b64encode(png).decode("ascii"))
                                         for png in result.images], size=f"{result.width}x{result.height}")
-        return self.response(response, policy, detected_concepts(result.report), seed_header(result.report))
+        headers = {**seed_header(result.report), **certificate,
+                   "x-guard-negative-prompt-flagged": ",".join(negative_flagged)}
+        return self.response(response, policy, text_flagged + detected_concepts(result.report), headers)
+
+    async def _check_texts(self, guard: Guard, request: ImageGenerationRequest) -> tuple[list[str], list[str]]:
+        """The text detectors (aliases, exemplars) over the prompt, as for chat: a refused concept is a 400 before
+        any pixel. The negative prompt is classified too but never refused: naming a concept there steers the
+        image away from it, which is what a safety-minded user writes; its flags travel in a header."""
+        try:
+            decision = await to_thread.run_sync(guard.check_prompt, [request.prompt])
+            negative = (await to_thread.run_sync(guard.classify, [request.negative_prompt])
+                        if request.negative_prompt else None)
+        except ConceptRefused as err:
+            raise self.refuse(guard.policy, err.concept_ids, err.message, request.user) from None
+        except GuardUnavailable as err:
+            raise self.unavailable(guard.policy, err) from None
+        return list(decision.verdict.flagged), [] if negative is None else list(negative.flagged)
 
     def _refused(self, policy: Policy, err: ImageRefused, user: str | None) -> OpenAIError:
         """Refused at the prompt, or at the output when a refused concept was seen in a generated image."""
