@@ -238,9 +238,12 @@ class Certificate:
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
-    def header_value(self) -> str:
-        """Compact form for an HTTP response header (the trigger text is left out: it may be long)."""
-        return (f"flagged={str(self.flagged).lower()}; mode={self.mode}; d={self.max_erase}; variant={self.variant}; "
+    def header_value(self, text: str | None = None) -> str:
+        """Compact form for an HTTP response header (the trigger text is left out: it may be long); ``text`` names
+        what was certified (e.g. ``messages[0:3]``)."""
+        subject = "" if text is None else f"text={text}; "
+        return (f"{subject}flagged={str(self.flagged).lower()}; mode={self.mode}; d={self.max_erase}; "
+                f"variant={self.variant}; "
                 f"filter={self.filter}; certified={str(self.certified).lower()}; "
                 f"checked={self.subsequences_checked}/{self.subsequences_total}; ms={self.elapsed_s * 1000:.1f}")
 

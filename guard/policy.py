@@ -137,6 +137,10 @@ class CertifySettings(_Strict):
     variant: Literal["exact", "randomized", "greedy"] = "exact"
     sample_fraction: Fraction = Field(0.2, description="Fraction of erased subsequences checked by the randomized variant.")
     filter: Literal["policy", "harmful_classifier", "both"] = "both"
+    scope: Literal["all_messages", "last_user_message"] = Field(
+        "all_messages", description="What a chat request certifies: every message joined (suffix attacks on any turn "
+                                    "land at its end), or only the last user message (cheaper for insertion/infusion;"
+                                    " earlier turns get the ordinary checks).")
 
 
 class Defaults(_Strict):

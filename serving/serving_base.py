@@ -123,9 +123,12 @@ class GuardedServing(ABC, Generic[RequestT]):
                 f"'{param}' holds {length} characters; the guard checks at most {limit} characters of input per "
                 "request on this server (--max-checked-chars)", param, code="context_length_exceeded"))
 
-    async def certify(self, active: ActiveGuard, prompts: Sequence[str], user: str | None) -> dict[str, str]:
+    async def certify(self, active: ActiveGuard, prompts: Sequence[str], user: str | None,
+                      labels: Sequence[str]) -> dict[str, str]:
         """erase-and-check each prompt before anything is generated; the ``x-guard-certificate`` header, or {}.
 
+        ``labels[i]`` names what ``prompts[i]`` is (``messages[0:3]``, ``prompt[1]``), so the header says what was
+        certified.
         Only policies with a ``certify:`` block certify. A flagged prompt is refused (400); certification that
         cannot run refuses the request (503): never an uncertified answer.
         """
@@ -146,7 +149,7 @@ class GuardedServing(ABC, Generic[RequestT]):
             certificates, concept_ids = await to_thread.run_sync(run)
         except Exception as err:  # noqa: BLE001 - any certification fault fails closed, with its cause
             raise self.unavailable(guard.policy, err) from None
-        header = {"x-guard-certificate": ", ".join(c.header_value() for c in certificates)}
+        header = {"x-guard-certificate": ", ".join(c.header_value(label) for c, label in zip(certificates, labels))}
         last = certificates[-1]
         if not last.flagged:
             return header

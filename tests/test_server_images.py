@@ -215,17 +215,33 @@ def test_every_answer_carries_its_certificate(embedded_server: RunningServer) ->
                                                             temperature=0)
     assert "Paris" in chat.parse().choices[0].message.content
     certificate = chat.headers["x-guard-certificate"]
-    assert re.fullmatch(r"flagged=false; mode=suffix; d=10; variant=exact; filter=both; certified=true; "
+    assert re.fullmatch(r"text=messages\[0:1\]; flagged=false; mode=suffix; d=10; variant=exact; filter=both; "
+                        r"certified=true; "
                         r"checked=(\d+)/\1; ms=[\d.]+", certificate)
     stream = client.chat.completions.with_raw_response.create(model=TEXT_MODEL, messages=messages, max_tokens=8,
                                                               temperature=0, stream=True)
-    assert stream.headers["x-guard-certificate"].startswith("flagged=false; mode=suffix; d=10;")
+    assert stream.headers["x-guard-certificate"].startswith("text=messages[0:1]; flagged=false; mode=suffix; d=10;")
     assert "Paris" in "".join(c.choices[0].delta.content or "" for c in stream.parse() if c.choices)
     text = client.completions.with_raw_response.create(model=TEXT_MODEL, prompt=["The capital of France is",
                                                                                  "The capital of Italy is"],
                                                        max_tokens=2)
     assert len(text.parse().choices) == 2
-    assert text.headers["x-guard-certificate"].count("flagged=false; mode=suffix; d=10;") == 2  # one per prompt
+    certificates = text.headers["x-guard-certificate"].split(", ")  # one per prompt, each naming it
+    assert [c.split(";")[0] for c in certificates] == ["text=prompt[0]", "text=prompt[1]"]
+    assert all("flagged=false; mode=suffix; d=10;" in c for c in certificates)
+
+
+def test_certify_scope_chooses_the_certified_text() -> None:
+    """scope: all_messages certifies the joined conversation; last_user_message only the last user turn."""
+    from guard.text.generation import TextRequest
+    from serving.chat_completion.serving import ChatServing
+
+    policy = load_policy(POLICIES / "server_test.yaml")
+    chat = TextRequest.chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                             {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}])
+    assert ChatServing.certified_text(policy, chat) == (["Be brief.\nHi\nHello\nBye"], ["messages[0:4]"])
+    last = policy.model_copy(update={"certify": policy.certify.model_copy(update={"scope": "last_user_message"})})
+    assert ChatServing.certified_text(last, chat) == (["Bye"], ["messages[3]"])
 
 
 def test_adversarial_suffix_is_refused_by_erase_and_check(embedded_server: RunningServer) -> None:
@@ -237,7 +253,8 @@ def test_adversarial_suffix_is_refused_by_erase_and_check(embedded_server: Runni
                 model=TEXT_MODEL, messages=[{"role": "user", "content": SUFFIX_ATTACK}], max_tokens=4, stream=stream)
         assert refused.value.code == "content_policy_violation"
         assert "erase-and-check (mode=suffix, d=10)" in refused.value.message and "weapons" in refused.value.message
-        assert refused.value.response.headers["x-guard-certificate"].startswith("flagged=true; mode=suffix; d=10;")
+        assert refused.value.response.headers["x-guard-certificate"].startswith(
+            "text=messages[0:1]; flagged=true; mode=suffix; d=10;")
     metrics = httpx.get(f"{embedded_server.base_url}/metrics").text
     assert re.search(r'^guard_blocks_total\{concept="weapons",stage="certify"\} [1-9]', metrics, re.M)
     assert re.search(r'^guard_added_latency_seconds_count\{stage="certify"\} [1-9]', metrics, re.M)

@@ -7,6 +7,7 @@ import uuid
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from guard.policy import Policy
 from guard.settle import FinishReason
 from guard.text.generation import TextRequest
 from serving.chat_completion.protocol import (
@@ -50,6 +51,16 @@ class ChatChunkWriter:
 class ChatServing(TextServing[ChatCompletionRequest]):
     endpoint = "chat"
 
+    @staticmethod
+    def certified_text(policy: Policy, request: TextRequest) -> tuple[list[str], list[str]]:
+        """What erase-and-check certifies of a chat (the policy's ``certify.scope``), with its label."""
+        messages = request.messages or []
+        if policy.certify is not None and policy.certify.scope == "last_user_message":
+            users = [i for i, m in enumerate(messages) if m.get("role") == "user" and m.get("content")]
+            if users:
+                return [messages[users[-1]]["content"]], [f"messages[{users[-1]}]"]
+        return ["\n".join(request.guard_texts)], [f"messages[0:{len(messages)}]"]
+
     async def create(self, request: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
         active = self.context.guard_state.active
         guard = active.guard
@@ -58,7 +69,8 @@ class ChatServing(TextServing[ChatCompletionRequest]):
         settings = self.sampling(request, request.requested_max_tokens, param)
         engine_request = TextRequest(settings, messages=request.plain_messages(), user=request.end_user)
         self.check_length(engine_request.guard_texts, "messages")
-        certificate = await self.certify(active, ["\n".join(engine_request.guard_texts)], request.end_user)
+        certified, labels = self.certified_text(guard.policy, engine_request)
+        certificate = await self.certify(active, certified, request.end_user, labels)
 
         if request.stream:
             stream = await self.open_stream(guard, engine_request)

@@ -58,12 +58,14 @@ class CompletionServing(TextServing[CompletionRequest]):
         if request.stream:
             if len(prompts) > 1:
                 raise self.invalid(unsupported_parameter("prompt", "streaming accepts one prompt per request"))
-            certificate = await self.certify(active, prompts, request.end_user)
+            certificate = await self.certify(active, prompts, request.end_user,
+                                         [f"prompt[{i}]" for i in range(len(prompts))])
             stream = await self.open_stream(guard, TextRequest(settings, prompt=prompts[0], user=request.end_user))
             writer = CompletionChunkWriter(self.engine.model_id, self.fingerprint(guard))
             return self.stream_response(guard, stream, writer, settings.n, request.include_usage, certificate)
 
-        certificate = await self.certify(active, prompts, request.end_user)
+        certificate = await self.certify(active, prompts, request.end_user,
+                                         [f"prompt[{i}]" for i in range(len(prompts))])
         engine_requests = [TextRequest(settings, prompt=p, user=request.end_user) for p in prompts]
         results = await self.generate(guard, engine_requests)
         choices = []

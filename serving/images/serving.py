@@ -57,7 +57,7 @@ class ImageServing(GuardedServing[ImageGenerationRequest]):
         active = self.context.guard_state.active
         policy = active.guard.policy
         self.check_length([request.prompt, request.negative_prompt or ""], "prompt")
-        certificate = await self.certify(active, [request.prompt], request.user)
+        certificate = await self.certify(active, [request.prompt], request.user, ["prompt"])
         text_flagged, negative_flagged = await self._check_texts(active.guard, request)
         generate = partial(images.generate, request.prompt, n=request.n, size=request.dimensions, seed=request.seed,
                            steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
