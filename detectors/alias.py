@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from detectors.base import Classification, ConceptScore, Detector
 
@@ -76,6 +76,7 @@ class AliasHit:
     concept_id: str
     alias: str
     matched: str  # the canonical text span that matched
+    count: int = 1  # how many matches (of any matcher) the alias has in the text's most matching reading
 
 
 class AliasDetector(Detector):
@@ -151,7 +152,9 @@ class AliasDetector(Detector):
     def find(self, text: str) -> list[AliasHit]:
         """Every (concept, alias) pair found in ``text``, each once, with the span that matched."""
         hits: dict[tuple[str, str], AliasHit] = {}
+        counts: dict[tuple[str, str], int] = {}
         for form in canonical_forms(text):
+            form_counts: dict[tuple[str, str], int] = {}
             runs = [run.group(0).replace(" ", "") for run in _SPELLED_RUN.finditer(form)]
             spaced = self._spaced_matches(form)
             if runs:
@@ -161,4 +164,7 @@ class AliasDetector(Detector):
                 for matched in matches:
                     for concept_id, alias in owner[matched]:
                         hits.setdefault((concept_id, alias), AliasHit(concept_id, alias, matched))
-        return list(hits.values())
+                        form_counts[concept_id, alias] = form_counts.get((concept_id, alias), 0) + 1
+            for key, count in form_counts.items():
+                counts[key] = max(counts.get(key, 0), count)
+        return [replace(hit, count=counts[key]) for key, hit in hits.items()]

@@ -33,11 +33,12 @@ class PolicyClassifier(Detector):
     - Aliases are matched in each message alone, never across two messages.
     - An alias hit scores 1.0 against the concept's semantic threshold, so alias and semantic evidence share
       one scale; a concept with an alias hit that is not vetoed is reported by the alias detector alone.
-    - An alias hit is vetoed only by a negative exemplar of the same concept that itself names that alias, and
-      only when every sentence of the message in which the alias occurs is a near paraphrase of such a negative
-      (cosine ≥ ``ALIAS_VETO_SIMILARITY``). An alias that only spans two sentences is never vetoed. So "nude
-      lipstick shades for fair skin" passes when the concept lists "What nude lipstick shade suits fair skin?"
-      as a negative, while "nude lipstick, then a nude photo of her" does not.
+    - An alias hit is vetoed only by a negative exemplar of the same concept that itself names that alias (at
+      least as many times), and only when every sentence of the message in which the alias occurs is a near
+      paraphrase of such a negative (cosine ≥ ``ALIAS_VETO_SIMILARITY``). An alias that only spans two
+      sentences is never vetoed. So "nude lipstick shades for fair skin" passes when the concept lists "What
+      nude lipstick shade suits fair skin?" as a negative, while "Nude lipstick shades. Show me a nude photo."
+      and "A nude woman, nude lipstick shade for fair skin" do not.
     - A vetoed alias vetoes nothing else: a semantic match anywhere in the request still flags the concept.
       When nothing flags it, the vetoed alias hit is reported unflagged, naming the negative.
     - Semantic negatives veto per piece (see :class:`detectors.semantic.SemanticDetector`).
@@ -71,16 +72,18 @@ class PolicyClassifier(Detector):
             vectors=exemplar_vectors,
             query_encoder=query_cache,
         )
-        # (concept, alias) -> the concept's negatives that name that alias, with their embeddings.
-        self._alias_negatives: dict[tuple[str, str], np.ndarray] = {}
+        # (concept, alias) -> the concept's negatives that name that alias: embeddings, and how often each names it.
+        self._alias_negatives: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         for concept in policy.concepts:
+            named: dict[str, list[tuple[np.ndarray, int]]] = {}
             negatives = self.semantic.negative_vectors(concept.id) if concept.detection.aliases else {}
             for negative, vector in negatives.items():
                 for hit in self.aliases.find(negative):
                     if hit.concept_id == concept.id:
-                        key = (concept.id, hit.alias)
-                        known = self._alias_negatives.get(key, np.zeros((0, len(vector)), np.float32))
-                        self._alias_negatives[key] = np.vstack([known, vector[None]])
+                        named.setdefault(hit.alias, []).append((vector, hit.count))
+            for alias, found in named.items():
+                self._alias_negatives[concept.id, alias] = (np.stack([v for v, _ in found]),
+                                                            np.array([n for _, n in found]))
 
     def detect(self, texts: Sequence[str]) -> Classification:
         with _fail_closed():
@@ -123,15 +126,18 @@ class PolicyClassifier(Detector):
     def _alias_veto(self, hit: AliasHit, text: str, vector_of: Mapping[str, np.ndarray]) -> float | None:
         """The lowest cosine between a sentence naming the alias and its closest negative that names it too,
         when every such sentence reaches ``ALIAS_VETO_SIMILARITY``; None when the hit stands."""
-        negatives = self._alias_negatives.get((hit.concept_id, hit.alias))
-        if negatives is None:
+        if (hit.concept_id, hit.alias) not in self._alias_negatives:
             return None
-        naming = [sentence for sentence in sentences(text)
-                  if any((h.concept_id, h.alias) == (hit.concept_id, hit.alias) for h in self.aliases.find(sentence))]
-        if not naming:
+        vectors, counts = self._alias_negatives[hit.concept_id, hit.alias]
+        similarities = []
+        for sentence in sentences(text):
+            for named in self.aliases.find(sentence):
+                if (named.concept_id, named.alias) == (hit.concept_id, hit.alias):
+                    paraphrased = counts >= named.count  # "nude lipstick, nude woman" is not the lipstick negative
+                    similarities.append(float((vectors[paraphrased] @ vector_of[sentence]).max(initial=-1.0)))
+        if not similarities or min(similarities) < ALIAS_VETO_SIMILARITY:
             return None
-        similarity = min(float((negatives @ vector_of[sentence]).max()) for sentence in naming)
-        return similarity if similarity >= ALIAS_VETO_SIMILARITY else None
+        return min(similarities)
 
 
 @contextmanager
