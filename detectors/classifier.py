@@ -98,7 +98,8 @@ class PolicyClassifier(Detector):
     def _detect(self, texts: Sequence[str]) -> Classification:
         pieces = split_pieces(texts)
         vectors = self.semantic.embed_pieces(pieces)
-        results = {s.concept_id: s for s in self.semantic.classify(self.semantic.search_pieces(pieces, vectors)).scores}
+        semantic_scores = self.semantic.classify(self.semantic.search_pieces(pieces, vectors)).scores
+        results = {score.concept_id: score for score in semantic_scores}
         vector_of = {piece.text: vector for piece, vector in zip(pieces, vectors)}
         for alias in self._alias_scores(texts, vector_of):
             semantic = results.get(alias.concept_id)
