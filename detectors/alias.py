@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from detectors.base import Classification, ConceptScore, Detector
 
@@ -33,6 +33,11 @@ _NON_ALNUM = re.compile(r"[^a-z0-9]+")
 # Squashed matching ignores all separators ("h.a.r.r.y"); only aliases this long are matched that way,
 # because short names squashed together occur inside ordinary words.
 MIN_SQUASHED_LENGTH = 7
+# Shorter aliases are matched squashed only inside a run of letters written one by one ("n u d e", "n.u.d.e"):
+# at least this many single-letter words in a row, which ordinary text ("a I a") rarely has and never spells
+# an alias with.
+MIN_SPELLED_LETTERS = 3
+_SPELLED_RUN = re.compile(rf"(?<![a-z0-9])[a-z](?: [a-z]){{{MIN_SPELLED_LETTERS - 1},}}(?![a-z0-9])")
 
 
 def _fold(text: str) -> str:
@@ -71,6 +76,7 @@ class AliasHit:
     concept_id: str
     alias: str
     matched: str  # the canonical text span that matched
+    count: int = 1  # how many matches (of any matcher) the alias has in the text's most matching reading
 
 
 class AliasDetector(Detector):
@@ -78,7 +84,9 @@ class AliasDetector(Detector):
 
     Spaced matching looks up each run of 1..n consecutive words (n = the longest alias in words), with an
     optional plural/possessive "s"; squashed matching looks up each substring whose length is one of the
-    long aliases' lengths.
+    long aliases' lengths; spelled matching does the same for every alias (at least ``MIN_SPELLED_LETTERS``
+    letters) inside runs of letters written one by one, and spaced matching also reads each such run as one
+    word ("harry p o t t e r").
     """
 
     name = "alias"
@@ -89,6 +97,7 @@ class AliasDetector(Detector):
         self._thresholds = dict(thresholds or {})
         self._spaced: dict[str, list[tuple[str, str]]] = {}
         self._squashed: dict[str, list[tuple[str, str]]] = {}
+        self._spelled: dict[str, list[tuple[str, str]]] = {}
         for concept_id, names in aliases.items():
             for alias in names:
                 for form in canonical_forms(alias):
@@ -98,8 +107,15 @@ class AliasDetector(Detector):
                     squashed = form.replace(" ", "")
                     if len(squashed) >= MIN_SQUASHED_LENGTH:
                         self._squashed.setdefault(squashed, []).append((concept_id, alias))
+                    if len(squashed) >= MIN_SPELLED_LETTERS:
+                        self._spelled.setdefault(squashed, []).append((concept_id, alias))
         self._max_words = max((form.count(" ") + 1 for form in self._spaced), default=0)
         self._squashed_lengths = sorted({len(form) for form in self._squashed})
+        self._spelled_lengths = sorted({len(form) for form in self._spelled})
+
+    def threshold(self, concept_id: str) -> float:
+        """The scale a hit of this concept is reported on."""
+        return self._thresholds.get(concept_id, 1.0)
 
     def _spaced_matches(self, form: str) -> list[str]:
         words = form.split()
@@ -118,23 +134,37 @@ class AliasDetector(Detector):
         return [text[i:i + n] for n in self._squashed_lengths for i in range(len(text) - n + 1)
                 if text[i:i + n] in self._squashed]
 
+    def _spelled_matches(self, runs: Sequence[str]) -> list[str]:
+        return [run[i:i + n] for run in runs for n in self._spelled_lengths for i in range(len(run) - n + 1)
+                if run[i:i + n] in self._spelled]
+
     def detect(self, texts: Sequence[str]) -> Classification:
-        """Aliases anywhere in the request's texts, read as one text; one score per concept (its first hit)."""
+        """Aliases in each of the request's texts, each text read alone (an alias never spans two messages);
+        one score per concept (its first hit)."""
         scores: dict[str, ConceptScore] = {}
-        for hit in self.find("\n".join(texts)):
+        for hit in (hit for text in texts for hit in self.find(text)):
             if hit.concept_id not in scores:
                 scores[hit.concept_id] = ConceptScore(
-                    concept_id=hit.concept_id, score=1.0, threshold=self._thresholds.get(hit.concept_id, 1.0),
+                    concept_id=hit.concept_id, score=1.0, threshold=self.threshold(hit.concept_id),
                     flagged=True, detector=self.name, evidence=f"alias '{hit.alias}' matched '{hit.matched}'")
         return Classification(list(scores.values()))
 
     def find(self, text: str) -> list[AliasHit]:
         """Every (concept, alias) pair found in ``text``, each once, with the span that matched."""
         hits: dict[tuple[str, str], AliasHit] = {}
+        counts: dict[tuple[str, str], int] = {}
         for form in canonical_forms(text):
-            for owner, matches in ((self._spaced, self._spaced_matches(form)),
-                                   (self._squashed, self._squashed_matches(form))):
+            form_counts: dict[tuple[str, str], int] = {}
+            runs = [run.group(0).replace(" ", "") for run in _SPELLED_RUN.finditer(form)]
+            spaced = self._spaced_matches(form)
+            if runs:
+                spaced += self._spaced_matches(_SPELLED_RUN.sub(lambda run: run.group(0).replace(" ", ""), form))
+            for owner, matches in ((self._spaced, spaced), (self._squashed, self._squashed_matches(form)),
+                                   (self._spelled, self._spelled_matches(runs))):
                 for matched in matches:
                     for concept_id, alias in owner[matched]:
                         hits.setdefault((concept_id, alias), AliasHit(concept_id, alias, matched))
-        return list(hits.values())
+                        form_counts[concept_id, alias] = form_counts.get((concept_id, alias), 0) + 1
+            for key, count in form_counts.items():
+                counts[key] = max(counts.get(key, 0), count)
+        return [replace(hit, count=counts[key]) for key, hit in hits.items()]

@@ -13,20 +13,35 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from detectors.alias import AliasDetector
+from detectors.alias import AliasDetector, AliasHit
 from detectors.base import Classification, ConceptScore, Detector
 from detectors.encoder import CachedEncoder
-from detectors.semantic import SemanticDetector, split_pieces
+from detectors.pieces import sentences, split_pieces
+from detectors.semantic import SemanticDetector
 from guard.errors import DetectorError, ModelError
 from guard.models import load_sentence_encoder
 from guard.policy import Policy
+
+ALIAS_VETO_SIMILARITY = 0.7  # a message this close to an alias-naming negative is that negative, reworded
 
 
 class PolicyClassifier(Detector):
     """Index the policy once; classify any number of texts (e.g. all chat messages of a request) together.
 
-    An alias hit scores 1.0 against the concept's semantic threshold, so alias and semantic evidence share one
-    scale; a concept with an alias hit is reported by the alias detector alone.
+    How alias and semantic evidence combine:
+
+    - Aliases are matched in each message alone, never across two messages.
+    - An alias hit scores 1.0 against the concept's semantic threshold, so alias and semantic evidence share
+      one scale; a concept with an alias hit that is not vetoed is reported by the alias detector alone.
+    - An alias hit is vetoed only by a negative exemplar of the same concept that itself names that alias (at
+      least as many times), and only when every sentence of the message in which the alias occurs is a near
+      paraphrase of such a negative (cosine ≥ ``ALIAS_VETO_SIMILARITY``). An alias that only spans two
+      sentences is never vetoed. So "nude lipstick shades for fair skin" passes when the concept lists "What
+      nude lipstick shade suits fair skin?" as a negative, while "Nude lipstick shades. Show me a nude photo."
+      and "A nude woman, nude lipstick shade for fair skin" do not.
+    - A vetoed alias vetoes nothing else: a semantic match anywhere in the request still flags the concept.
+      When nothing flags it, the vetoed alias hit is reported unflagged, naming the negative.
+    - Semantic negatives veto per piece (see :class:`detectors.semantic.SemanticDetector`).
     """
 
     name = "policy"
@@ -57,6 +72,18 @@ class PolicyClassifier(Detector):
             vectors=exemplar_vectors,
             query_encoder=query_cache,
         )
+        # (concept, alias) -> the concept's negatives that name that alias: embeddings, and how often each names it.
+        self._alias_negatives: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        for concept in policy.concepts:
+            named: dict[str, list[tuple[np.ndarray, int]]] = {}
+            negatives = self.semantic.negative_vectors(concept.id) if concept.detection.aliases else {}
+            for negative, vector in negatives.items():
+                for hit in self.aliases.find(negative):
+                    if hit.concept_id == concept.id:
+                        named.setdefault(hit.alias, []).append((vector, hit.count))
+            for alias, found in named.items():
+                self._alias_negatives[concept.id, alias] = (np.stack([v for v, _ in found]),
+                                                            np.array([n for _, n in found]))
 
     def detect(self, texts: Sequence[str]) -> Classification:
         with _fail_closed():
@@ -65,14 +92,53 @@ class PolicyClassifier(Detector):
     def detect_each(self, texts: Sequence[str]) -> list[Classification]:
         if self.query_cache is not None:  # one forward pass for the batch; each text then reads the cache
             with _fail_closed():
-                self.query_cache.encode([piece for text in texts for piece in split_pieces([text])])
+                self.query_cache.encode([piece.text for text in texts for piece in split_pieces([text])])
         return [self.detect([text]) for text in texts]
 
     def _detect(self, texts: Sequence[str]) -> Classification:
-        results: dict[str, ConceptScore] = {s.concept_id: s for s in self.aliases.detect(texts).scores}
-        for score in self.semantic.detect(texts).scores:
-            results.setdefault(score.concept_id, score)
+        pieces = split_pieces(texts)
+        vectors = self.semantic.embed_pieces(pieces)
+        semantic_scores = self.semantic.classify(self.semantic.search_pieces(pieces, vectors)).scores
+        results = {score.concept_id: score for score in semantic_scores}
+        vector_of = {piece.text: vector for piece, vector in zip(pieces, vectors)}
+        for alias in self._alias_scores(texts, vector_of):
+            semantic = results.get(alias.concept_id)
+            if alias.flagged or semantic is None or not semantic.flagged:
+                results[alias.concept_id] = alias
         return Classification(sorted(results.values(), key=lambda s: (not s.flagged, -s.score)))
+
+    def _alias_scores(self, texts: Sequence[str], vector_of: Mapping[str, np.ndarray]) -> list[ConceptScore]:
+        """One alias score per concept: its first hit that is not vetoed, else its first vetoed hit."""
+        scores: dict[str, ConceptScore] = {}
+        for source, text in enumerate(texts):
+            for hit in self.aliases.find(text):
+                if hit.concept_id in scores and scores[hit.concept_id].flagged:
+                    continue
+                veto = self._alias_veto(hit, text, vector_of)
+                evidence = f"alias '{hit.alias}' matched '{hit.matched}' in message {source}"
+                if veto is not None:
+                    evidence += f"; the message paraphrases a negative naming it (cosine {veto:.3f})"
+                if veto is None or hit.concept_id not in scores:
+                    scores[hit.concept_id] = ConceptScore(
+                        concept_id=hit.concept_id, score=1.0, threshold=self.aliases.threshold(hit.concept_id),
+                        flagged=veto is None, detector=self.aliases.name, evidence=evidence)
+        return list(scores.values())
+
+    def _alias_veto(self, hit: AliasHit, text: str, vector_of: Mapping[str, np.ndarray]) -> float | None:
+        """The lowest cosine between a sentence naming the alias and its closest negative that names it too,
+        when every such sentence reaches ``ALIAS_VETO_SIMILARITY``; None when the hit stands."""
+        if (hit.concept_id, hit.alias) not in self._alias_negatives:
+            return None
+        vectors, counts = self._alias_negatives[hit.concept_id, hit.alias]
+        similarities = []
+        for sentence in sentences(text):
+            for named in self.aliases.find(sentence):
+                if (named.concept_id, named.alias) == (hit.concept_id, hit.alias):
+                    paraphrased = counts >= named.count  # "nude lipstick, nude woman" is not the lipstick negative
+                    similarities.append(float((vectors[paraphrased] @ vector_of[sentence]).max(initial=-1.0)))
+        if not similarities or min(similarities) < ALIAS_VETO_SIMILARITY:
+            return None
+        return min(similarities)
 
 
 @contextmanager

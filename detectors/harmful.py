@@ -20,6 +20,7 @@ import numpy as np
 
 from detectors.base import Classification, ConceptScore, Detector, clip
 from detectors.encoder import Encoder
+from detectors.pieces import split_pieces
 from guard.errors import DetectorError, ModelError
 from guard.models import load_sentence_encoder
 
@@ -116,13 +117,20 @@ class HarmfulRequestClassifier(Detector):
         return vectors @ self.head.weight + self.head.bias
 
     def detect(self, texts: Sequence[str]) -> Classification:
-        """The request's most harmful-looking text (each text is scored on its own)."""
+        """The request's most harmful-looking piece (each text is scored on its own)."""
         return max(self.detect_each(texts), key=lambda c: c.scores[0].score, default=Classification())
 
     def detect_each(self, texts: Sequence[str]) -> list[Classification]:
-        """One embedding pass for the whole batch."""
+        """Each text scores its most harmful-looking piece (sentence or window), so a request buried after
+        filler past the encoder's 256 tokens is still read; one embedding pass for the whole batch."""
+        pieces = [[piece.text for piece in split_pieces([text])] or [text] for text in texts]
+        distinct = list(dict.fromkeys(piece for text_pieces in pieces for piece in text_pieces))
+        logit_of = dict(zip(distinct, self.logits(distinct).tolist()))
         threshold = self.head.threshold
-        return [Classification([ConceptScore(concept_id=self.concept_id, score=logit, threshold=threshold,
-                                             flagged=logit > threshold, detector=self.name,
-                                             evidence=f"'{clip(text)}' scores logit {logit:.3f}")])
-                for text, logit in zip(texts, self.logits(texts).tolist())]
+        scores = []
+        for text_pieces in pieces:
+            logit, piece = max((logit_of[piece], piece) for piece in text_pieces)
+            scores.append(Classification([ConceptScore(
+                concept_id=self.concept_id, score=logit, threshold=threshold, flagged=logit > threshold,
+                detector=self.name, evidence=f"'{clip(piece)}' scores logit {logit:.3f}")]))
+        return scores

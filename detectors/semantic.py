@@ -2,13 +2,12 @@
 
 All exemplars of all concepts live in one faiss index built once per policy, so the cost of a query
 grows with the index (sub-linearly once it switches to HNSW), not with a loop over concepts.
-Negative exemplars (near misses) live in a second index and veto a concept when the text is closer
-to one of that concept's negatives than to its positives.
+Negative exemplars (near misses) live in a second index. A negative vetoes only the piece of the request
+it is closer to: one harmless sentence near a negative cannot hide another sentence that clearly matches.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -17,10 +16,10 @@ import numpy as np
 
 from detectors.base import Classification, ConceptScore, Detector, clip
 from detectors.encoder import Encoder
+from detectors.pieces import Piece, split_pieces
 
 # Above this many vectors an approximate HNSW index keeps queries fast; below it exact search is cheap.
 HNSW_MIN_VECTORS = 20_000
-_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\n+")
 
 
 @dataclass(frozen=True)
@@ -29,8 +28,10 @@ class SemanticHit:
     score: float  # cosine similarity of the closest positive exemplar
     exemplar: str
     piece: str  # the part of the request that matched
-    negative_score: float  # cosine similarity of the closest negative exemplar of the same concept
+    source: int  # which text (chat message) the piece comes from
+    negative_score: float  # the piece's closest negative exemplar of the same concept (-1.0: not compared)
     negative: str
+    vetoed: bool  # every piece reaching the threshold is closer to a negative; this is the best of them
 
 
 class _LabelledIndex:
@@ -53,23 +54,10 @@ class _LabelledIndex:
         return self.index.search(queries, k)
 
 
-def split_pieces(texts: Sequence[str], max_pieces: int = 64) -> list[str]:
-    """Whole texts plus their sentences: a forbidden question buried in a long message still matches."""
-    pieces: list[str] = []
-    for text in texts:
-        text = text.strip()
-        if not text:
-            continue
-        pieces.append(text)
-        sentences = [s.strip() for s in _SENTENCE_END.split(text) if len(s.strip()) > 3]
-        if len(sentences) > 1:
-            pieces.extend(sentences)
-    return list(dict.fromkeys(pieces))[:max_pieces]
-
-
 class SemanticDetector(Detector):
     """Flags a concept when a piece of the request is at least ``thresholds[concept]`` similar (cosine) to one
-    of its exemplars, unless a negative exemplar of the concept is closer by more than its negative margin."""
+    of its exemplars, unless that same piece is closer to a negative exemplar of the concept by more than its
+    negative margin. The concept scores its best piece that is not vetoed (its best vetoed one if all are)."""
 
     name = "semantic"
 
@@ -87,9 +75,18 @@ class SemanticDetector(Detector):
         self._precomputed = vectors or {}
         self.concept_ids = list(positives)
         self.top_k = top_k
-        position = {cid: i for i, cid in enumerate(self.concept_ids)}
-        self._positive = self._build(positives, position, show_progress)
-        self._negative = self._build(negatives, position, show_progress)
+        self._position = {cid: i for i, cid in enumerate(self.concept_ids)}
+        self._positive = self._build(positives, self._position, show_progress)
+        self._negative = self._build(negatives, self._position, show_progress)
+        self._threshold_of = np.array([self.thresholds[cid] for cid in self.concept_ids], np.float64)
+        self._margin_of = np.array([self.negative_margins[cid] for cid in self.concept_ids], np.float64)
+        # Negatives are compared exactly, per concept, only for the pieces that reach a concept's threshold.
+        total = self._negative.index.ntotal
+        self._negative_vectors = self._negative.index.reconstruct_n(0, total) if total else None
+        grouped: dict[int, list[int]] = {}
+        for row, concept in enumerate(self._negative.labels.tolist()):
+            grouped.setdefault(concept, []).append(row)
+        self._negative_rows = {c: np.asarray(rows, np.int64) for c, rows in grouped.items()}
 
     def _build(self, groups: dict[str, list[str]], position: dict[str, int], show_progress: bool) -> _LabelledIndex:
         texts: list[str] = []
@@ -117,48 +114,70 @@ class SemanticDetector(Detector):
                                  show_progress_bar=show_progress)
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
+    def negative_vectors(self, concept_id: str) -> dict[str, np.ndarray]:
+        """The concept's negative exemplars and their unit embeddings, as indexed."""
+        rows = self._negative_rows.get(self._position[concept_id], np.zeros(0, np.int64))
+        return {self._negative.texts[row]: self._negative_vectors[row] for row in rows.tolist()}
+
+    def embed_pieces(self, pieces: Sequence[Piece]) -> np.ndarray:
+        """All pieces of a request in one batched encoder call."""
+        return self._embed(self.query_encoder, [piece.text for piece in pieces])
+
     def detect(self, texts: Sequence[str]) -> Classification:
         """The closest exemplar of every concept near the request, flagged or not, strongest first."""
+        pieces = split_pieces(texts)
+        return self.classify(self.search_pieces(pieces, self.embed_pieces(pieces)))
+
+    def classify(self, hits: Sequence[SemanticHit]) -> Classification:
         scores = []
-        for hit in self.search(texts):
-            vetoed = hit.negative_score > hit.score + self.negative_margins[hit.concept_id]
+        for hit in hits:
             threshold = self.thresholds[hit.concept_id]
             evidence = f"'{clip(hit.piece)}' ~ exemplar '{clip(hit.exemplar)}'"
-            if vetoed:
+            if hit.vetoed:
                 evidence += f"; closer to negative '{clip(hit.negative)}' ({hit.negative_score:.3f})"
             scores.append(ConceptScore(concept_id=hit.concept_id, score=hit.score, threshold=threshold,
-                                       flagged=hit.score >= threshold and not vetoed, detector=self.name,
+                                       flagged=hit.score >= threshold and not hit.vetoed, detector=self.name,
                                        evidence=evidence))
         return Classification(sorted(scores, key=lambda s: (not s.flagged, -s.score)))
 
-    def search(self, texts: Sequence[str]) -> list[SemanticHit]:
-        """Best positive (and competing negative) exemplar per concept among the nearest neighbours."""
-        pieces = split_pieces(texts)
+    def search_pieces(self, pieces: Sequence[Piece], queries: np.ndarray) -> list[SemanticHit]:
+        """One hit per concept among the pieces' nearest exemplars: its best piece not vetoed by that piece's
+        own closest negative, else its best vetoed piece, else (nothing reaches the threshold) its best piece."""
         if not pieces:
             return []
-        queries = self._embed(self.query_encoder, pieces)
-        best: dict[int, tuple[float, int, int]] = {}  # concept -> (score, exemplar row, piece row)
         scores, rows = self._positive.search(queries, self.top_k)
-        for p, (piece_scores, piece_rows) in enumerate(zip(scores, rows)):
-            for score, row in zip(piece_scores, piece_rows):
-                if row < 0:
-                    continue
-                concept = int(self._positive.labels[row])
-                if concept not in best or score > best[concept][0]:
-                    best[concept] = (float(score), int(row), p)
-        negative_best: dict[int, tuple[float, int]] = {}
-        if best and self._negative.index.ntotal:
-            n_scores, n_rows = self._negative.search(queries, self.top_k)
-            for piece_scores, piece_rows in zip(n_scores, n_rows):
-                for score, row in zip(piece_scores, piece_rows):
-                    if row < 0:
-                        continue
-                    concept = int(self._negative.labels[row])
-                    if concept in best and (concept not in negative_best or score > negative_best[concept][0]):
-                        negative_best[concept] = (float(score), int(row))
+        valid = rows >= 0
+        piece = np.broadcast_to(np.arange(len(pieces))[:, None], rows.shape)[valid]
+        row, score = rows[valid], scores[valid]
+        concept = self._positive.labels[row]
+        # Keep the best exemplar of each (concept, piece) pair; pairs end up grouped by concept, best first.
+        order = np.lexsort((-score, piece, concept))
+        key = concept[order] * len(pieces) + piece[order]
+        order = order[np.r_[True, key[1:] != key[:-1]]]
+        order = order[np.lexsort((-score[order], concept[order]))]
+        piece, row, score, concept = piece[order], row[order], score[order], concept[order]
+        above = score >= self._threshold_of[concept]
+        negative_score = np.full(len(order), -1.0, np.float32)
+        negative_row = np.full(len(order), -1, np.int64)
+        for c in np.unique(concept[above]).tolist():
+            negatives = self._negative_rows.get(c)
+            if negatives is None:
+                continue
+            candidates = np.flatnonzero(above & (concept == c))
+            similarity = queries[piece[candidates]] @ self._negative_vectors[negatives].T
+            negative_score[candidates] = similarity.max(axis=1)
+            negative_row[candidates] = negatives[similarity.argmax(axis=1)]
+        vetoed = above & (negative_score > score + self._margin_of[concept])
+        # Per concept, the first pair by: above and not vetoed, then above (vetoed), then the best score.
+        rank = np.where(above & ~vetoed, 0, np.where(above, 1, 2))
+        chosen = np.lexsort((np.arange(len(order)), rank, concept))
+        chosen = chosen[np.r_[True, concept[chosen][1:] != concept[chosen][:-1]]]
         hits = []
-        for concept, (score, row, piece) in best.items():
-            neg_score, neg_row = negative_best.get(concept, (-1.0, -1))
-            hits.append(SemanticHit(self.concept_ids[concept], score, self._positive.texts[row], pieces[piece],
-                                    neg_score, self._negative.texts[neg_row] if neg_row >= 0 else ""))
+        for i in chosen.tolist():
+            source = pieces[int(piece[i])]
+            neg = int(negative_row[i])
+            hits.append(SemanticHit(self.concept_ids[int(concept[i])], float(score[i]),
+                                    self._positive.texts[int(row[i])], source.text, source.source,
+                                    float(negative_score[i]), self._negative.texts[neg] if neg >= 0 else "",
+                                    bool(vetoed[i])))
         return hits
