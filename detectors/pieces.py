@@ -15,6 +15,10 @@ MAX_WORDS = 120  # ~1.3 word pieces per English word keeps a window inside MiniL
 STRIDE = 60  # consecutive windows of one long sentence overlap by half
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\n+")
 MIN_SENTENCE_CHARS = 4  # shorter fragments ("Hi.", "1.") carry no meaning alone; they stay inside windows
+# A "sentence" this long is run-on text: a request glued into filler without punctuation drowns in a 120-word
+# window, so such sentences are also read in short windows. Ordinary sentences are shorter and cost nothing more.
+RUN_ON_WORDS = 40
+SHORT_WINDOW, SHORT_STRIDE = 20, 10
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,17 @@ def _units(text: str) -> list[str]:
     """Every sentence of the text, each one too long for the encoder cut into overlapping word windows."""
     return [window for sentence in _SENTENCE_END.split(text) if sentence.split()
             for window in _word_windows(sentence.split())]
+
+
+def _run_on_windows(text: str) -> list[str]:
+    """Short overlapping windows over each run-on sentence (longer than ``RUN_ON_WORDS`` words)."""
+    windows = []
+    for sentence in _SENTENCE_END.split(text):
+        words = sentence.split()
+        if len(words) > RUN_ON_WORDS:
+            starts = range(0, len(words) - SHORT_WINDOW + SHORT_STRIDE, SHORT_STRIDE)
+            windows += [" ".join(words[start:start + SHORT_WINDOW]) for start in starts]
+    return windows
 
 
 def sentences(text: str) -> list[str]:
@@ -62,13 +77,14 @@ def _sentence_windows(units: list[str]) -> list[str]:
 
 def split_pieces(texts: Sequence[str]) -> list[Piece]:
     """Every sentence of every text, plus the whole text (or, past ``MAX_WORDS`` words, overlapping windows of
-    its sentences); each distinct piece once, attributed to the first text it occurs in."""
+    its sentences), plus short windows over run-on sentences; each distinct piece once, attributed to the first
+    text it occurs in."""
     pieces: dict[str, Piece] = {}
     for source, text in enumerate(texts):
         text = text.strip()
         if not text:
             continue
         whole = [text] if len(text.split()) <= MAX_WORDS else _sentence_windows(_units(text))
-        for piece in (*whole, *sentences(text)):
+        for piece in (*whole, *sentences(text), *_run_on_windows(text)):
             pieces.setdefault(piece, Piece(piece, source))
     return list(pieces.values())
