@@ -9,7 +9,7 @@ that does not run says why. A guard that cannot run is a 503 (fail closed), as o
 from __future__ import annotations
 
 import time
-from typing import Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 from anyio import to_thread
 from fastapi.responses import JSONResponse
@@ -20,7 +20,7 @@ from guard.policy import Policy
 from guard.text.generation import TextRequest
 from serving.chat_completion.protocol import OtherPart
 from serving.chat_completion.serving import ChatServing
-from serving.errors import unsupported_parameter
+from serving.errors import policy_violation, unsupported_parameter
 from serving.guard_checks.protocol import CheckRequest, CheckResponse, Stage
 from serving.guard_state import ActiveGuard
 from serving.protocol import ConceptReport, GuardAction
@@ -70,24 +70,14 @@ class CheckServing(GuardedServing[CheckRequest]):
         prompt_action = strongest(c.action for c in concepts)
         stages = [Stage(name="prompt", ran=True, result=prompt_action, ms=prompt_ms)]
         actions: list[GuardAction] = [prompt_action]
-        refused: list[str] = list(verdict.refused)
+        refusals = [policy_violation(verdict.refused, guard.refusal_message(verdict.refused)).message
+                    ] if verdict.refused else []
 
-        certificate, flagged_certificate = None, None
-        if active.certifier is None:
-            stages.append(Stage(name="certify", ran=False, skipped="policy has no certify block"))
-        else:
-            start = time.perf_counter()
-            for text, label in zip(certified, labels):
-                cert, trigger = await self.certify_text(active, text)
-                certificate = certificate_body(cert, label)
-                if trigger is not None:
-                    flagged_certificate = cert
-                    concepts += [c for c in prompt_reports(policy, trigger.classification, "certify") if c.flagged]
-                    refused += trigger.refused
-                    actions.append("refuse")
-                    break
-            stages.append(Stage(name="certify", ran=True, result="flagged" if certificate["flagged"] else "passed",
-                                ms=(time.perf_counter() - start) * 1000))
+        certify, certificate, certify_concepts, certify_message = await self._certify(active, certified, labels)
+        stages.append(certify)
+        concepts += certify_concepts
+        if certify.result == "flagged":
+            actions.append("refuse")
 
         if request.output is None:
             stages.append(Stage(name="output", ran=False, skipped="no output given"))
@@ -99,19 +89,38 @@ class CheckServing(GuardedServing[CheckRequest]):
             concepts += rows
             actions.append(strongest(c.action for c in rows))
             if decision.action == OutputAction.block:
-                refused += decision.leaked
+                refusals.append(decision.message)
             stages.append(Stage(name="output", ran=True, result=decision.action.value, ms=output_ms))
 
         action = strongest(actions)
         flagged = any(c.flagged for c in concepts) or bool(certificate and certificate["flagged"])
-        message = None
-        if action == "refuse":  # the refusal a client would read
-            message = (guard.refusal_message(list(dict.fromkeys(refused))) if refused
-                       else certify_refusal(flagged_certificate) if flagged_certificate else None)
+        # What a client would read: the first refusal in the order the pipeline runs (certify, prompt, output).
+        refusals = ([certify_message] if certify_message else []) + refusals
+        message = refusals[0] if action == "refuse" and refusals else None
         self.count("flagged" if flagged else "ok")
         body = CheckResponse(flagged=flagged, action=action, message=message, policy=policy.version_tag,
                              concepts=concepts, certificate=certificate, stages=stages)
         return self.response(body, policy, [c.id for c in concepts if c.flagged], {})
+
+    async def _certify(self, active: ActiveGuard, texts: list[str], labels: list[str]
+                       ) -> tuple[Stage, dict[str, Any] | None, list[ConceptReport], str | None]:
+        """The certify stage: its record, the certificate, the concepts behind a flag and the refusal it gives."""
+        if active.certifier is None:
+            return Stage(name="certify", ran=False, skipped="policy has no certify block"), None, [], None
+        guard = active.guard
+        start = time.perf_counter()
+        certificate: dict[str, Any] | None = None
+        for text, label in zip(texts, labels):
+            cert, trigger = await self.certify_text(active, text)
+            certificate = certificate_body(cert, label)
+            if trigger is not None:
+                named = cert.trigger_erased_tokens == 0 and bool(trigger.refused)
+                message = guard.refusal_message(trigger.refused) if named else certify_refusal(cert)
+                concepts = [c for c in prompt_reports(guard.policy, trigger.classification, "certify") if c.flagged]
+                stage = Stage(name="certify", ran=True, result="flagged", ms=(time.perf_counter() - start) * 1000)
+                return stage, certificate, concepts, policy_violation(trigger.refused, message).message
+        stage = Stage(name="certify", ran=True, result="passed", ms=(time.perf_counter() - start) * 1000)
+        return stage, certificate, [], None
 
     async def _run(self, policy: Policy, check: Callable[[], T]) -> T:
         """A blocking guard check in a worker thread; a detector failure is a 503."""
