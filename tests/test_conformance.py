@@ -11,18 +11,17 @@ from __future__ import annotations
 import copy
 import json
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
-from conftest import API_KEY, TOWER_PROMPT, RunningServer
+from conftest import API_KEY, ROOT, TOWER_PROMPT, RunningServer
 
-jsonschema = pytest.importorskip("jsonschema")
-
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "reference" / "openai-openapi" / "openapi.json"
-if not SPEC.exists():  # a worktree beside the checkout, or the checkout itself
-    SPEC = Path("/work/shared/reference/openai-openapi/openapi.json")
+# OpenAI's openapi.json (see its README there): in the checkout's shared/ folder, or in the one beside it.
+SPEC_PLACES = [base / "shared" / "reference" / "openai-openapi" / "openapi.json"
+               for base in (ROOT, ROOT.parent, ROOT.parent.parent)]
+SPEC = next((place for place in SPEC_PLACES if place.exists()), SPEC_PLACES[0])
 MODEL = "embedded:smollm2"
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 
