@@ -45,6 +45,7 @@ def test_moderation_flags_a_refused_concept_and_passes_a_benign_text(embedded_se
     assert details["action"] == "refuse" and details["policy"] == policy.version_tag
     assert details["certificate"]["mode"] == "suffix" and details["certificate"]["flagged"] is True
     assert benign.model_extra["guard"]["certificate"]["flagged"] is False
+    assert [r.model_extra["guard"]["certificate"]["text"] for r in moderation.results] == ["input[0]", "input[1]"]
     assert benign.model_extra["guard"]["action"] == "allow"
     assert raw.headers["x-guard-flagged"] == "weapons"
 
@@ -154,6 +155,7 @@ def test_erase_and_check_flags_an_adversarial_suffix_the_concepts_miss(embedded_
     assert result.flagged and result.categories.model_extra["weapons"] is True
     details = result.model_extra["guard"]
     assert details["certificate"]["flagged"] is True and details["certificate"]["trigger_erased_tokens"] > 0
+    assert details["certificate"]["text"] == "input"
     assert [c["id"] for c in details["concepts"] if c["stage"] == "certify"] == ["weapons"]
     assert details["action"] == "refuse"
     body = checks(embedded_server, {"messages": [{"role": "user", "content": SUFFIX_ATTACK}]}).json()

@@ -48,7 +48,9 @@ class ModerationServing(GuardedServing[ModerationRequest]):
         texts = request.texts()
         self.check_length(texts, "input")
         verdicts = await self._classify(active, texts)
-        results = [await self._result(active, text, verdict) for text, verdict in zip(texts, verdicts)]
+        labels = ["input"] if isinstance(request.input, str) else [f"input[{i}]" for i in range(len(texts))]
+        results = [await self._result(active, text, verdict, label)
+                   for text, verdict, label in zip(texts, verdicts, labels)]
         self.count("flagged" if any(r.flagged for r in results) else "ok")
         flagged = [c.id for r in results for c in r.guard.concepts if c.flagged]
         return self.response(ModerationResponse(model=policy.version_tag, results=results), policy, flagged, {})
@@ -66,13 +68,14 @@ class ModerationServing(GuardedServing[ModerationRequest]):
         except GuardUnavailable as err:
             raise self.unavailable(guard.policy, err) from None
 
-    async def _result(self, active: ActiveGuard, text: str, verdict: Verdict) -> ModerationResult:
+    async def _result(self, active: ActiveGuard, text: str, verdict: Verdict, label: str) -> ModerationResult:
+        """One input's result; ``label`` names it in the certificate (``input``, ``input[2]``)."""
         policy = active.guard.policy
         concepts = prompt_reports(policy, verdict.classification)
         certificate = None
         if active.certifier is not None:
             cert, trigger = await self.certify_text(active, text)
-            certificate = certificate_body(cert, "input")
+            certificate = certificate_body(cert, label)
             if trigger is not None:
                 concepts += [c for c in prompt_reports(policy, trigger.classification, "certify") if c.flagged]
         flagged_ids = {c.id for c in concepts if c.flagged}
