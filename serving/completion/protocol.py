@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import Field
 
 from serving.protocol import ResponseModel, SamplingRequest, Usage
 
@@ -40,9 +40,6 @@ class CompletionChoice(ResponseModel):
 
 
 class CompletionResponse(ResponseModel):
-    """Also the shape of every streamed chunk; OpenAI's schema has no ``"usage": null``, so chunks without usage
-    omit the key."""
-
     id: str = Field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -50,10 +47,3 @@ class CompletionResponse(ResponseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _omit_missing_usage(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        if data.get("usage") is None:
-            data.pop("usage", None)
-        return data
