@@ -157,3 +157,13 @@ def test_moderations(embedded_server: RunningServer) -> None:
         moderation = response.json()
         del moderation["results"][0]["categories"]["violence"]
         validate(moderation, "CreateModerationResponse")
+
+
+def test_openapi_documents_the_check_only_answers(embedded_server: RunningServer) -> None:
+    """/openapi.json (what schemathesis fuzzes against) describes both bodies field by field, not as bare objects."""
+    document = httpx.get(f"{embedded_server.base_url}/openapi.json").json()
+    for path, schema, fields in (("/v1/moderations", "ModerationResponse", {"id", "model", "results"}),
+                                 ("/v1/guard/checks", "CheckResponse", {"flagged", "action", "stages"})):
+        answer = document["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert answer["$ref"].endswith(f"/{schema}")
+        assert fields <= set(document["components"]["schemas"][schema]["properties"])
