@@ -57,6 +57,7 @@ class OutputDecision:
     penalized: list[str] = field(default_factory=list)  # for a regeneration: the wider set to penalise
     strength: float = 1.0  # for a regeneration: penalty multiplier
     message: str = ""  # for a block: the policy's message
+    leaked: list[str] = field(default_factory=list)  # the concepts that keep the text from being sent as is
 
 
 class Guard:
@@ -100,6 +101,11 @@ class Guard:
         verdict = self.classify(texts)
         if verdict.refused:
             raise ConceptRefused(verdict.refused, self.refusal_message(verdict.refused))
+        return self.prompt_decision(verdict)
+
+    def prompt_decision(self, verdict: Verdict) -> PromptDecision:
+        """Which concepts decoding erases for a prompt judged ``verdict`` (refused concepts aside); check-only
+        callers take it to judge an output without raising for a refused prompt."""
         penalized = [cid for cid in verdict.steered if self.policy.concept(cid).methods.token_penalty.enabled]
         return PromptDecision(verdict, list(dict.fromkeys(penalized + self.always_penalized)))
 
@@ -119,8 +125,9 @@ class Guard:
         if not verdict.refused and attempt < retries:
             enabled = [cid for cid in leaked if self.policy.concept(cid).methods.token_penalty.enabled]
             penalized = list(dict.fromkeys(decision.penalized + enabled))
-            return OutputDecision(OutputAction.regenerate, verdict, penalized, strength=2.0 ** (attempt + 1))
-        return OutputDecision(OutputAction.block, verdict, message=self.refusal_message(leaked))
+            return OutputDecision(OutputAction.regenerate, verdict, penalized, strength=2.0 ** (attempt + 1),
+                                  leaked=leaked)
+        return OutputDecision(OutputAction.block, verdict, message=self.refusal_message(leaked), leaked=leaked)
 
     def token_penalties(self, tokenizer: "PreTrainedTokenizerBase") -> "TokenPenalties":
         """Per-tokenizer penalty tables, compiled once (tries and vocabulary masks are costly to build)."""

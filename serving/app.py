@@ -25,10 +25,14 @@ from serving.completion.serving import CompletionServing
 from serving.config import ServerSettings
 from serving.engines.base import Engine
 from serving.errors import ERROR_RESPONSES, OpenAIError, install_handlers
+from serving.guard_checks.api_router import router as checks_router
+from serving.guard_checks.serving import CheckServing
 from serving.guard_state import GuardState, cancel
 from serving.images.api_router import router as images_router
 from serving.images.serving import ImageServing
 from serving.metrics import ServerMetrics
+from serving.moderations.api_router import router as moderations_router
+from serving.moderations.serving import ModerationServing
 from serving.protocol import ModelCard, ModelList
 from serving.serving_base import ServerContext
 
@@ -83,13 +87,16 @@ def build_app(settings: ServerSettings, policy: Policy) -> FastAPI:
     app.state.chat_serving = ChatServing(context)
     app.state.completion_serving = CompletionServing(context)
     app.state.image_serving = ImageServing(context)
+    app.state.moderation_serving = ModerationServing(context)
+    app.state.check_serving = CheckServing(context)
     install_handlers(app)
     # Starlette runs the last-added middleware first: keys are checked before the body size is.
     app.add_middleware(BodySizeLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
 
-    # OpenAI endpoints. /v1/images/generations answers 404 model_not_found unless started with --image-model.
-    for router in (chat_router, completion_router, images_router):
+    # OpenAI endpoints (/v1/images/generations answers 404 model_not_found unless started with --image-model),
+    # then the guard's own check-only endpoint.
+    for router in (chat_router, completion_router, images_router, moderations_router, checks_router):
         app.include_router(router, responses=ERROR_RESPONSES)  # every error status is documented in /openapi.json
     served = [engine.model_id] + ([settings.image_model] if settings.image_model is not None else [])
 

@@ -22,7 +22,8 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("guard_requests", "Requests by endpoint and outcome (ok, blocked_prompt, "
-                                "blocked_output, guard_unavailable, invalid, error, disconnected).",
+                                "blocked_output, guard_unavailable, invalid, error, disconnected; the check-only "
+                                "endpoints: ok, flagged).",
                                 ["endpoint", "outcome"], registry=self.registry)
         self.blocks = Counter("guard_blocks", "Blocked prompts or outputs per concept and stage.",
                               ["concept", "stage"], registry=self.registry)

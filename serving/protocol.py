@@ -137,3 +137,19 @@ class ModelCard(ResponseModel):
 class ModelList(ResponseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+GuardAction = Literal["allow", "refuse", "steer", "log"]
+
+
+class ConceptReport(ResponseModel):
+    """One concept's strongest evidence and what the guard does about it (``allow`` when it is not flagged)."""
+
+    id: str
+    flagged: bool
+    score: float
+    threshold: float
+    detector: str  # "alias", "semantic", ...
+    evidence: str
+    action: GuardAction
+    stage: Literal["prompt", "certify", "output"]

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from guard.certification import Certificate
-from guard.decision import Guard
+from guard.decision import Guard, Verdict
 from guard.errors import ConceptRefused, GuardUnavailable, TokenPenaltyError
 from guard.policy import Policy
 from guard.settle import GenerationResult
@@ -51,6 +51,12 @@ def guard_headers(policy: Policy, flagged: Sequence[str]) -> dict[str, str]:
     return {"x-guard-policy": policy.version_tag,
             "x-guard-concepts-checked": str(len(policy.concepts)),
             "x-guard-flagged": ",".join(dict.fromkeys(flagged))}
+
+
+def certify_refusal(certificate: Certificate) -> str:
+    """What a prompt that erase-and-check flagged, but no refused concept names, is refused with."""
+    return (f"Sorry, I can't help with that: erase-and-check (mode={certificate.mode}, "
+            f"d={certificate.max_erase}) flagged this prompt as harmful.")
 
 
 @dataclass
@@ -132,23 +138,17 @@ class GuardedServing(ABC, Generic[RequestT]):
         Only policies with a ``certify:`` block certify. A flagged prompt is refused (400); certification that
         cannot run refuses the request (503): never an uncertified answer.
         """
-        certifier, guard = active.certifier, active.guard
-        if certifier is None:
+        if active.certifier is None:
             return {}
-
-        def run() -> tuple[list[Certificate], list[str]]:
-            certificates: list[Certificate] = []
-            for prompt in prompts:
-                with self.metrics.guard_timer("certify"):
-                    certificates.append(certifier.certify(prompt))
-                if certificates[-1].flagged:
-                    return certificates, guard.classify([certificates[-1].trigger or ""]).refused
-            return certificates, []
-
-        try:
-            certificates, concept_ids = await to_thread.run_sync(run)
-        except Exception as err:  # noqa: BLE001 - any certification fault fails closed, with its cause
-            raise self.unavailable(guard.policy, err) from None
+        guard = active.guard
+        certificates: list[Certificate] = []
+        concept_ids: list[str] = []
+        for prompt in prompts:
+            certificate, trigger = await self.certify_text(active, prompt)
+            certificates.append(certificate)
+            if trigger is not None:
+                concept_ids = trigger.refused
+                break
         header = {"x-guard-certificate": ", ".join(c.header_value(label) for c, label in zip(certificates, labels))}
         last = certificates[-1]
         if not last.flagged:
@@ -159,12 +159,27 @@ class GuardedServing(ABC, Generic[RequestT]):
         else:
             # Harmful behind up to d extra tokens (an adversarial suffix, say), or caught only by the
             # harmful-request classifier of ``filter: both``: a prompt the guard's own check would pass.
-            message = (f"Sorry, I can't help with that: erase-and-check (mode={last.mode}, "
-                       f"d={last.max_erase}) flagged this prompt as harmful.")
-            error = self.refuse(guard.policy, concept_ids, message, user, stage="certify",
+            error = self.refuse(guard.policy, concept_ids, certify_refusal(last), user, stage="certify",
                                 blocked=concept_ids or ["erase-and-check"])
         error.headers.update(header)
         raise error
+
+    async def certify_text(self, active: ActiveGuard, text: str) -> tuple[Certificate, Verdict | None]:
+        """erase-and-check one text (the policy must certify): its certificate and, when flagged, the guard's
+        verdict on the flagged version (whose ``refused`` names the concepts behind it). Any fault is a 503."""
+        certifier, guard = active.certifier, active.guard
+        if certifier is None:
+            raise ValueError("certify_text needs a policy with a certify: block")
+
+        def run() -> tuple[Certificate, Verdict | None]:
+            with self.metrics.guard_timer("certify"):
+                certificate = certifier.certify(text)
+            return certificate, guard.classify([certificate.trigger or ""]) if certificate.flagged else None
+
+        try:
+            return await to_thread.run_sync(run)
+        except Exception as err:  # noqa: BLE001 - any certification fault fails closed, with its cause
+            raise self.unavailable(guard.policy, err) from None
 
     @staticmethod
     def response(body: BaseModel, policy: Policy, flagged: Sequence[str],

@@ -23,8 +23,11 @@ class CompletionChunkWriter:
         self.fingerprint = fingerprint
 
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> dict:
+        """A chunk is a CompletionResponse; OpenAI's schema has no ``"usage": null``, so chunks without usage omit
+        the key (dropped here, not in the model, so /openapi.json keeps the documented shape)."""
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage,
-                                  system_fingerprint=self.fingerprint).model_dump()
+                                  system_fingerprint=self.fingerprint).model_dump(
+            exclude={"usage"} if usage is None else None)
 
     def start(self, index: int) -> None:
         return None

@@ -1,0 +1,44 @@
+"""Wire models of ``/v1/guard/checks``: what the guard would do with a request (and an answer), and why."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from serving.chat_completion.protocol import ChatMessage
+from serving.protocol import ConceptReport, GuardAction, OpenAIBaseModel, ResponseModel
+
+
+class CheckRequest(OpenAIBaseModel):
+    """A chat (``messages``) or a raw prompt (``input``), exactly one; ``output``: an answer to check as well."""
+
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    input: str | None = None
+    output: str | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> "CheckRequest":
+        if (self.messages is None) == (self.input is None):
+            raise ValueError("give exactly one of 'messages' and 'input'")
+        return self
+
+
+class Stage(ResponseModel):
+    """One guard stage: whether it ran (else why not), what it concluded and how long it took."""
+
+    name: Literal["prompt", "certify", "output"]
+    ran: bool
+    skipped: str | None = None  # why it did not run
+    result: str | None = None  # prompt: its action; certify: "flagged" | "passed"; output: send | regenerate | block
+    ms: float = 0.0
+
+
+class CheckResponse(ResponseModel):
+    flagged: bool  # any concept flagged at any stage, or erase-and-check flagged the prompt
+    action: GuardAction  # what the request (with this output) would meet: the most severe stage outcome
+    message: str | None  # the refusal a client would get, when the action is "refuse"
+    policy: str  # name@fingerprint
+    concepts: list[ConceptReport]
+    certificate: dict[str, Any] | None
+    stages: list[Stage]

@@ -1,0 +1,130 @@
+"""Check-only guarding: every stage a chat or completion request would pass, run without generating.
+
+The prompt is classified as the chat and completion endpoints classify it (every message), certified as they
+certify it (the policy's ``certify.scope``), and a given ``output`` is judged by the same output check as a
+generated answer. Every stage runs even after an earlier one refused, so the answer explains all of it; a stage
+that does not run says why. A guard that cannot run is a 503 (fail closed), as on every endpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Awaitable, Callable, TypeVar
+
+from anyio import to_thread
+from fastapi.responses import JSONResponse
+
+from guard.decision import OutputAction
+from guard.errors import GuardUnavailable
+from guard.policy import Policy
+from guard.text.generation import TextRequest
+from serving.chat_completion.protocol import OtherPart
+from serving.chat_completion.serving import ChatServing
+from serving.errors import policy_violation, unsupported_parameter
+from serving.guard_checks.protocol import CheckRequest, CheckResponse, Stage
+from serving.guard_state import ActiveGuard
+from serving.protocol import ConceptReport, GuardAction
+from serving.reports import certificate_body, output_reports, prompt_reports, strongest
+from serving.serving_base import GuardedServing, certify_refusal
+
+T = TypeVar("T")
+
+
+async def timed(call: Callable[[], Awaitable[T]]) -> tuple[T, float]:
+    """``call``'s result and its milliseconds."""
+    start = time.perf_counter()
+    result = await call()
+    return result, (time.perf_counter() - start) * 1000
+
+
+class CheckServing(GuardedServing[CheckRequest]):
+    endpoint = "checks"
+
+    def _prompt(self, request: CheckRequest, active: ActiveGuard) -> tuple[str, list[str], list[str], list[str]]:
+        """The parameter name, the texts the prompt check reads, and what erase-and-check certifies (with labels)."""
+        if request.input is not None:
+            return "input", [request.input], [request.input], ["input"]
+        for i, message in enumerate(request.messages or []):
+            if message.role == "tool" or message.tool_calls is not None or message.tool_call_id is not None:
+                raise self.invalid(unsupported_parameter(f"messages[{i}]", "tool calls are not checked"))
+            for j, part in enumerate(message.content if isinstance(message.content, list) else []):
+                if isinstance(part, OtherPart):
+                    raise self.invalid(unsupported_parameter(f"messages[{i}].content[{j}]",
+                                                             f"only text parts are checked, not '{part.type}'"))
+        chat = TextRequest(messages=[{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                                     for m in request.messages or []])
+        certified, labels = ChatServing.certified_text(active.guard.policy, chat)
+        return "messages", chat.guard_texts, certified, labels
+
+    async def create(self, request: CheckRequest) -> JSONResponse:
+        active = self.context.guard_state.active
+        guard = active.guard
+        policy = guard.policy
+        param, texts, certified, labels = self._prompt(request, active)
+        self.check_length(texts, param)
+        if request.output is not None:
+            self.check_length([request.output], "output")
+
+        verdict, prompt_ms = await timed(lambda: self._run(policy, lambda: guard.classify(texts)))
+        concepts: list[ConceptReport] = prompt_reports(policy, verdict.classification)
+        prompt_action = strongest(c.action for c in concepts)
+        stages = [Stage(name="prompt", ran=True, result=prompt_action, ms=prompt_ms)]
+        actions: list[GuardAction] = [prompt_action]
+        refusals = [policy_violation(verdict.refused, guard.refusal_message(verdict.refused)).message
+                    ] if verdict.refused else []
+
+        certify, certificate, certify_concepts, certify_message = await self._certify(active, certified, labels)
+        stages.append(certify)
+        concepts += certify_concepts
+        if certify.result == "flagged":
+            actions.append("refuse")
+
+        if request.output is None:
+            stages.append(Stage(name="output", ran=False, skipped="no output given"))
+        else:
+            output = request.output
+            decision, output_ms = await timed(lambda: self._run(
+                policy, lambda: guard.check_output(output, guard.prompt_decision(verdict))))
+            rows = output_reports(policy, decision)
+            concepts += rows
+            actions.append(strongest(c.action for c in rows))
+            if decision.action == OutputAction.block:
+                refusals.append(decision.message)
+            stages.append(Stage(name="output", ran=True, result=decision.action.value, ms=output_ms))
+
+        action = strongest(actions)
+        flagged = any(c.flagged for c in concepts) or bool(certificate and certificate["flagged"])
+        # What a client would read: the first refusal in the order the pipeline runs (certify, prompt, output).
+        refusals = ([certify_message] if certify_message else []) + refusals
+        message = refusals[0] if action == "refuse" and refusals else None
+        self.count("flagged" if flagged else "ok")
+        body = CheckResponse(flagged=flagged, action=action, message=message, policy=policy.version_tag,
+                             concepts=concepts, certificate=certificate, stages=stages)
+        return self.response(body, policy, [c.id for c in concepts if c.flagged], {})
+
+    async def _certify(self, active: ActiveGuard, texts: list[str], labels: list[str]
+                       ) -> tuple[Stage, dict[str, Any] | None, list[ConceptReport], str | None]:
+        """The certify stage: its record, the certificate, the concepts behind a flag and the refusal it gives."""
+        if active.certifier is None:
+            return Stage(name="certify", ran=False, skipped="policy has no certify block"), None, [], None
+        guard = active.guard
+        start = time.perf_counter()
+        certificate: dict[str, Any] | None = None
+        for text, label in zip(texts, labels):
+            cert, trigger = await self.certify_text(active, text)
+            certificate = certificate_body(cert, label)
+            if trigger is not None:
+                named = cert.trigger_erased_tokens == 0 and bool(trigger.refused)
+                message = guard.refusal_message(trigger.refused) if named else certify_refusal(cert)
+                concepts = [c for c in prompt_reports(guard.policy, trigger.classification, "certify") if c.flagged]
+                stage = Stage(name="certify", ran=True, result="flagged", ms=(time.perf_counter() - start) * 1000)
+                return stage, certificate, concepts, policy_violation(trigger.refused, message).message
+        stage = Stage(name="certify", ran=True, result="passed", ms=(time.perf_counter() - start) * 1000)
+        return stage, certificate, [], None
+
+    async def _run(self, policy: Policy, check: Callable[[], T]) -> T:
+        """A blocking guard check in a worker thread; a detector failure is a 503."""
+        try:
+            return await to_thread.run_sync(check)
+        except GuardUnavailable as err:
+            raise self.unavailable(policy, err) from None
