@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+from pydantic import Field, model_validator
 
 from serving.protocol import OpenAIBaseModel, ResponseModel, SamplingRequest, Usage
 
@@ -111,18 +111,12 @@ class ChatCompletionResponse(ResponseModel):
 
 
 class DeltaMessage(ResponseModel):
-    """Only a choice's first chunk names the role; OpenAI's schema has no ``"role": null``, so later chunks omit it."""
+    """Only a choice's first chunk names the role; OpenAI's schema has no ``"role": null``, so the chunk writer
+    leaves the key out of later chunks."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
     refusal: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _omit_missing_role(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        if data.get("role") is None:
-            data.pop("role", None)
-        return data
 
 
 class ChatChunkChoice(ResponseModel):

@@ -31,8 +31,12 @@ class ChatChunkWriter:
         self.fingerprint = fingerprint
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> dict:
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage,
-                                   system_fingerprint=self.fingerprint).model_dump()
+        chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage,
+                                    system_fingerprint=self.fingerprint).model_dump()
+        for choice in chunk["choices"]:  # OpenAI's schema allows a role or no key, never "role": null
+            if choice["delta"].get("role") is None:
+                choice["delta"].pop("role", None)
+        return chunk
 
     def start(self, index: int) -> dict:
         return self._chunk([ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
