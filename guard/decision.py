@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from detectors.base import Classification
 from detectors.classifier import PolicyClassifier
-from guard.errors import ConceptRefused, DetectorError, GuardUnavailable
+from guard.errors import ConceptRefused, DetectorError, GuardUnavailable, PolicyError
 from guard.policy import ActionType, Policy, load_policy
 
 if TYPE_CHECKING:
@@ -138,3 +138,41 @@ class Guard:
             if key not in self._penalties:
                 self._penalties[key] = TokenPenalties(self.policy, tokenizer, self.classifier.encoder)
             return self._penalties[key]
+
+
+@dataclass(frozen=True)
+class PolicyTestFailure:
+    case: str  # e.g. "tests.must_refuse[2]"
+    text: str
+    problem: str  # "was not refused", "was refused (weapons)"
+    file: Path | None
+    line: int | None
+
+    def error(self, others: int = 0) -> PolicyError:
+        more = f" (and {others} more failing case{'s' if others > 1 else ''})" if others else ""
+        return PolicyError(self.file or "policy", f"'{self.text}' {self.problem}{more}", self.line, self.case)
+
+
+def run_policy_tests(guard: Guard) -> list[PolicyTestFailure]:
+    """Every ``tests:`` case of the guard's policy that the prompt check decides otherwise (detector errors raise)."""
+    failures = []
+    tests = guard.policy.tests
+    for kind, cases in (("must_refuse", tests.must_refuse), ("must_allow", tests.must_allow)):
+        for index, text in enumerate(cases):
+            refused = guard.classify([text]).refused
+            if kind == "must_refuse" and not refused:
+                problem = "was not refused"
+            elif kind == "must_allow" and refused:
+                problem = f"was refused ({', '.join(refused)})"
+            else:
+                continue
+            failures.append(PolicyTestFailure(f"tests.{kind}[{index}]", text, problem,
+                                              *guard.policy.test_location(kind, index)))
+    return failures
+
+
+def check_policy_tests(guard: Guard) -> None:
+    """Raise :class:`PolicyError` naming the first failing ``tests:`` case (file:line), if any fails."""
+    failures = run_policy_tests(guard)
+    if failures:
+        raise failures[0].error(len(failures) - 1)

@@ -210,6 +210,17 @@ class Calibration(_Strict):
     concepts: dict[str, CalibratedConcept]
 
 
+class PolicyTests(_Strict):
+    """Requests the policy must decide as written, so an edit cannot silently weaken it: run by
+    ``guard policy check`` (exit 2 naming file:line of a failing case) and before every hot reload (a reload that
+    fails them is rejected). Only the loaded file's own tests run (not those of files it extends)."""
+
+    must_refuse: list[str] = Field(default_factory=list, description="Requests that must be refused (a refuse "
+                                                                     "concept flagged by the prompt check).")
+    must_allow: list[str] = Field(default_factory=list, description="Requests that must not be refused (steered or "
+                                                                    "logged concepts are allowed).")
+
+
 class Policy(_Strict):
     """A resolved policy. ``concepts`` already carry the merged defaults."""
 
@@ -225,6 +236,8 @@ class Policy(_Strict):
                           "replace the defaults of every calibrated concept; a concept's own "
                           "detection.semantic_threshold still wins.")
     concepts: list[Concept] = Field(default_factory=list)
+    tests: PolicyTests = Field(default_factory=PolicyTests)
+    _test_lines: dict[tuple[str, int], tuple[Path, int | None]] = PrivateAttr(default_factory=dict)
     _calibration_path: Path | None = PrivateAttr(None)
     _calibration: Calibration | None = PrivateAttr(None)
     _explicit_thresholds: frozenset[str] = PrivateAttr(frozenset())
@@ -243,6 +256,10 @@ class Policy(_Strict):
         """Content hash of the resolved policy; changes whenever behaviour could change."""
         canonical = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    def test_location(self, kind: str, index: int) -> tuple[Path | None, int | None]:
+        """File and line of ``tests.<kind>[index]``, for messages that send the author straight to the case."""
+        return self._test_lines.get((kind, index), (None, None))
 
     @property
     def version_tag(self) -> str:
@@ -335,7 +352,7 @@ def _format_path(path: tuple[Any, ...]) -> str:
 
 def _all_field_names() -> set[str]:
     names: set[str] = set()
-    for model in (Policy, Defaults, Concept, Action, DetectionSettings, MethodSettings, TokenPenaltySettings,
+    for model in (Policy, PolicyTests, Defaults, Concept, Action, DetectionSettings, MethodSettings, TokenPenaltySettings,
                   SemanticSurgerySettings, AdaVDSettings, UCESettings, CertifySettings, Models, Calibration,
                   CalibratedConcept):
         for name, info in model.model_fields.items():
@@ -472,6 +489,8 @@ def load_policy(path: str | Path, apply_calibration: bool = True) -> Policy:
     except ValidationError as err:
         raise _validation_error(source, err) from None
     policy.concepts = concepts
+    policy._test_lines = {(kind, i): (source.path, source.line_of(("tests", kind, i)))
+                          for kind in ("must_refuse", "must_allow") for i in range(len(getattr(policy.tests, kind)))}
     if not policy.concepts:
         raise PolicyError(path, "the policy defines no concepts", line=1, field="concepts")
     policy._explicit_thresholds = frozenset(

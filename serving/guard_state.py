@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from anyio import to_thread
 
 from guard.certification import EraseAndCheck
-from guard.decision import Guard
+from guard.decision import Guard, check_policy_tests
 from guard.policy import ActionType, Policy, load_policy
 from serving.engines.base import Engine
 from serving.metrics import MeasuredGuard, ServerMetrics
@@ -51,7 +51,9 @@ class ActiveGuard:
     @classmethod
     def build(cls, policy: Policy, metrics: ServerMetrics) -> ActiveGuard:
         """Load the policy's detectors and certifier (blocking: seconds for a new embedding model)."""
-        guard = MeasuredGuard(Guard(policy), metrics)
+        plain = Guard(policy)
+        check_policy_tests(plain)  # a policy that fails its own tests never becomes active
+        guard = MeasuredGuard(plain, metrics)
         certifier = EraseAndCheck.from_policy(refusal_policy(policy)) if policy.certify is not None else None
         return cls(guard, certifier)
 

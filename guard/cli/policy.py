@@ -15,7 +15,8 @@ from rich.table import Table
 from detectors.calibration import DEFAULT_TARGET_FPR, calibrate_policy
 from detectors.classifier import PolicyClassifier
 from guard.cli.output import console, errors, fail
-from guard.errors import DetectorError, ModelError, PolicyError
+from guard.decision import Guard, run_policy_tests
+from guard.errors import DetectorError, GuardUnavailable, ModelError, PolicyError
 from guard.methods.registry import enabled_methods
 from guard.policy import Policy, load_policy, policy_json_schema, save_calibration
 
@@ -49,6 +50,24 @@ def check(file: PolicyFile) -> None:
         errors.print(f"[yellow]warning:[/] {len(uncalibrated)} uncalibrated concept(s), whose semantic threshold has "
                      f"no measured false-positive rate: {escape(', '.join(uncalibrated))} (run `guard policy "
                      f"calibrate {escape(str(file))}`)", highlight=False, soft_wrap=True)
+    _run_tests(policy)
+
+
+def _run_tests(policy: Policy) -> None:
+    """The policy's own ``tests:`` cases through the real detectors; every failure on stderr, then exit 2."""
+    cases = len(policy.tests.must_refuse) + len(policy.tests.must_allow)
+    if not cases:
+        return
+    try:
+        with console.status(f"running the policy's {cases} test case(s)"):
+            failures = run_policy_tests(Guard(policy))
+    except (GuardUnavailable, DetectorError, ModelError) as err:
+        raise fail(str(err)) from None
+    for failure in failures:
+        errors.print(escape(str(failure.error())), highlight=False, soft_wrap=True)
+    if failures:
+        raise typer.Exit(2)
+    console.print(f"{cases} policy test case(s) pass", highlight=False)
 
 
 def _calibration_status(policy: Policy, concept_id: str) -> str:
