@@ -195,6 +195,28 @@ def test_hot_reload_reaches_the_image_guard_and_certification(image_server: Runn
         wait_for(lambda: policy_tag() == first)
 
 
+def test_hot_reload_failing_the_policys_own_tests_is_rejected(image_server: RunningServer,
+                                                               policy_file: Path) -> None:
+    """An edit that makes the policy fail its ``tests:`` never becomes active: the last good policy keeps serving."""
+    original = policy_file.read_text()
+
+    def rejected() -> float:
+        metrics = httpx.get(f"{image_server.base_url}/metrics").text
+        found = re.search(r'^guard_policy_reloads_total\{result="rejected"\} ([\d.]+)', metrics, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    first, before = httpx.get(f"{image_server.base_url}/health").json()["policy"], rejected()
+    weakened = original.replace("concepts:\n", "tests:\n  must_refuse: [a painting by van gogh]\nconcepts:\n", 1)
+    try:
+        policy_file.write_text(weakened)
+        wait_for(lambda: rejected() > before)
+        assert httpx.get(f"{image_server.base_url}/health").json()["policy"] == first
+        with pytest.raises(openai.BadRequestError):
+            generate(image_server, "harry potter castle")  # still the original policy's refusal
+    finally:
+        policy_file.write_text(original)
+
+
 def test_serve_rejects_an_nsfw_threshold_without_an_image_model(tmp_path: Path) -> None:
     from guard.cli import app
 
