@@ -129,7 +129,7 @@ class Guard:
             raise GuardUnavailable(f"near-miss check failed: {err}") from err
         named = {s.concept_id for s in verdict.classification.flagged if s.detector == "alias"}
         named |= set(near.flagged_ids)
-        steered = list(dict.fromkeys(verdict.steered + near.flagged_ids))  # the near-miss matcher reads steer concepts only
+        steered = list(dict.fromkeys(verdict.steered + near.flagged_ids))  # near misses: steer concepts only
         if near.flagged:
             verdict = Verdict(Classification(verdict.classification.scores + near.flagged), verdict.refused,
                               steered, verdict.logged)
