@@ -176,3 +176,16 @@ def test_cli_policy_check_exit_codes(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert f"{bad}:{line} defaults.detection.semantic_threshold: must be between 0 and 1" in " ".join(result.stderr.split())
+
+
+def test_fallback_is_a_steer_only_answer(tmp_path: Path) -> None:
+    """action.fallback answers a steered concept that still leaks; on refuse or log it would do nothing, so it fails."""
+    steered = load_policy(DEFAULT).concept("harry-potter").action
+    assert steered.type is ActionType.steer and steered.fallback == "I don't have information about that."
+    assert load_policy(DEFAULT).concept("weapons").action.fallback is None
+    for action, message in (("{type: refuse, fallback: No.}", "only allowed with action.type 'steer'"),
+                            ("{type: steer, fallback: '  '}", "must not be empty")):
+        bad = write(tmp_path, "fallback.yaml", MINIMAL + f"    action: {action}\n")
+        with pytest.raises(PolicyError) as err:
+            load_policy(bad)
+        assert err.value.field == "concepts[0].action" and message in err.value.message
