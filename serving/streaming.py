@@ -140,12 +140,13 @@ async def guarded_events(guard: Guard, stream: EngineStream, writer: ChunkWriter
             yield frame(writer.text(index, step.release))
         if step.blocked is not None:
             concepts = blocked_concepts(step.blocked)
-            metrics.record_block(concepts, stage="stream_output")
-            logger.info("stream choice %d blocked by the output check: %s", index, ", ".join(concepts))
-            if step.blocked.fallback and windows[index].released == 0:
+            if step.blocked.fallback and windows[index].released == 0:  # answered, as unstreamed: not a block
+                logger.info("stream choice %d answered with the fallback of: %s", index, ", ".join(concepts))
                 yield frame(writer.text(index, step.blocked.message))
                 yield frame(writer.finish(index, "stop", None))
             else:
+                metrics.record_block(concepts, stage="stream_output")
+                logger.info("stream choice %d blocked by the output check: %s", index, ", ".join(concepts))
                 yield frame(writer.finish(index, "content_filter", blocked_message(guard, step.blocked)))
             open_choices.discard(index)
             await stream.cancel(index)
