@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -48,7 +49,7 @@ def _paris_guard(tmp_path: Path, action: str = "steer", fallback: str | None = N
     Only the alias flags it (semantic threshold 0.95), so "What is the capital of France?" is decoded without
     penalties and the leak reaches the output check."""
     settings = ", ".join(f"{key}: {str(value).lower()}" for key, value in token_penalty.items())
-    extra = f", fallback: '{fallback}'" if fallback is not None else ""
+    extra = f", fallback: {json.dumps(fallback)}" if fallback is not None else ""
     path = tmp_path / "paris.yaml"
     path.write_text(f"""
 version: 1
