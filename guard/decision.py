@@ -131,8 +131,8 @@ class Guard:
         named |= set(near.flagged_ids)
         steered = list(dict.fromkeys(verdict.steered + near.flagged_ids))  # near misses: steer concepts only
         if near.flagged:
-            verdict = Verdict(Classification(verdict.classification.scores + near.flagged), verdict.refused,
-                              steered, verdict.logged)
+            scores = sorted(verdict.classification.scores + near.flagged, key=lambda s: (not s.flagged, -s.margin))
+            verdict = Verdict(Classification(scores), verdict.refused, steered, verdict.logged)
         leaked = verdict.refused + [cid for cid in steered if cid in named]
         if not leaked:
             return OutputDecision(OutputAction.send, verdict)
