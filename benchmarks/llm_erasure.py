@@ -8,10 +8,13 @@ guarded (prompt check, token penalties, output check, regeneration) — in ident
 * near-miss rate: answers with a name close to an alias ("Hogwards", "Voldemyr"), a sign of what was blocked;
 * retain agreement: guarded retain answers byte-identical to unguarded ones;
 * retain refusals: retain prompts the guard refused or blocked;
+* fallback rate: answers replaced by the concept's ``action.fallback`` (a leak the regenerations could not remove);
 * speed: generated tokens per second, guarded / unguarded, measured in this run, end to end (checks and
   regenerations included) and for decoding alone with every row penalised.
 
 Run: python benchmarks/llm_erasure.py   (CPU, a few minutes; writes benchmarks/results/llm_erasure.json)
+Held-out concepts (never tuned on): add --policy benchmarks/data/heldout_policy.yaml
+--probes benchmarks/data/llm_probes_heldout.yaml --out benchmarks/results/llm_erasure_heldout.json
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class Answer:
     tokens: int
     flagged: bool = False
     regenerations: int = 0
+    fallback: bool = False  # a steered concept's action.fallback answered instead of the model
 
 
 def _run(guard: Guard, model: Any, tokenizer: Any, prompts: Sequence[str], settings: SamplingSettings,
@@ -87,7 +91,10 @@ def _run(guard: Guard, model: Any, tokenizer: Any, prompts: Sequence[str], setti
 def _answer(result: GenerationResult) -> Answer:
     choice = result.choices[0]
     flagged = bool(result.prompt_decision and result.prompt_decision.verdict.flagged)
-    return Answer(choice.text, choice.finish_reason, choice.completion_tokens, flagged, choice.regenerations)
+    decision = choice.output_decision
+    fallback = decision is not None and decision.fallback and choice.finish_reason == "stop"
+    return Answer(choice.text, choice.finish_reason, choice.completion_tokens, flagged, choice.regenerations,
+                  fallback)
 
 
 def _leaks(answer: Answer, aliases: AliasDetector, facts: AliasDetector | None) -> tuple[bool, bool]:
@@ -218,6 +225,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         records.append({"set": "probe", "concept": concept_id, "kind": probe["kind"], "prompt": probe["prompt"],
                         "unguarded": unguarded[i].text, "guarded": guarded[i].text,
                         "guarded_finish": guarded[i].finish_reason, "flagged": guarded[i].flagged,
+                        "fallback": guarded[i].fallback,
                         "regenerations": guarded[i].regenerations,
                         "unguarded_names": u_named, "guarded_names": g_named,
                         "unguarded_leak": u_fact, "guarded_leak": g_fact,
@@ -226,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         u, g = unguarded[len(probes) + j], guarded[len(probes) + j]
         records.append({"set": "retain", "prompt": prompt, "unguarded": u.text, "guarded": g.text,
                         "guarded_finish": g.finish_reason, "flagged": g.flagged, "regenerations": g.regenerations,
+                        "fallback": g.fallback,
                         "identical": u.text == g.text and u.finish_reason == g.finish_reason,
                         "refused": g.finish_reason in ("content_filter", "refused")})
 
@@ -244,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "unguarded_near_miss_rate": _rate([r["unguarded_near_miss"] is not None for r in probe_records]),
         "guarded_near_miss_rate": _rate([r["guarded_near_miss"] is not None for r in probe_records]),
         "guarded_blocked_rate": _rate([r["guarded_finish"] == "content_filter" for r in probe_records]),
+        "guarded_fallback_rate": _rate([r["fallback"] for r in probe_records]),
+        "retain_fallback_rate": _rate([r["fallback"] for r in retain_records]),
         "regenerations": sum(r["regenerations"] for r in records),
         "retain_agreement": _rate([r["identical"] for r in retain_records]),
         "retain_refusal_rate": _rate([r["refused"] for r in retain_records]),
@@ -283,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     totals.add_column("value", justify="right")
     totals.add_row("probe prompts flagged", f"{summary['probe_flagged_rate']:.0%}")
     totals.add_row("probe answers blocked", f"{summary['guarded_blocked_rate']:.0%}")
+    totals.add_row("probe answers replaced by the fallback", f"{summary['guarded_fallback_rate']:.0%}")
     totals.add_row("regenerations", str(summary["regenerations"]))
     totals.add_row("retain agreement (identical greedy output)", f"{summary['retain_agreement']:.1%}")
     totals.add_row("retain refusals", f"{summary['retain_refusal_rate']:.1%}")

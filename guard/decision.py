@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from detectors.base import Classification
 from detectors.classifier import PolicyClassifier
+from detectors.fuzzy import FuzzyAliasDetector
 from guard.errors import ConceptRefused, DetectorError, GuardUnavailable, PolicyError
 from guard.policy import ActionType, Policy, load_policy
 
@@ -56,7 +57,8 @@ class OutputDecision:
     verdict: Verdict
     penalized: list[str] = field(default_factory=list)  # for a regeneration: the wider set to penalise
     strength: float = 1.0  # for a regeneration: penalty multiplier
-    message: str = ""  # for a block: the policy's message
+    message: str = ""  # for a block: the policy's message; for a fallback (or its regeneration): the fallback
+    fallback: bool = False  # the choice ends with ``message`` as its answer (finish_reason "stop"), not a block
     leaked: list[str] = field(default_factory=list)  # the concepts that keep the text from being sent as is
 
 
@@ -73,6 +75,12 @@ class Guard:
         self._penalties_lock = threading.Lock()
         self.always_penalized = [c.id for c in policy.concepts
                                  if c.methods.token_penalty.enabled and c.methods.token_penalty.apply == "always"]
+        # Near-miss names count as naming a steered concept in the output check only (never in the prompt check).
+        tokenizer = getattr(self.classifier.encoder, "tokenizer", None)  # its whole words are the common words
+        vocabulary = tokenizer.get_vocab() if tokenizer is not None else {}
+        self.near_misses = FuzzyAliasDetector(
+            {c.id: c.aliases for c in policy.concepts if c.action.type is ActionType.steer and c.detection.aliases},
+            common_words=[word for word in vocabulary if word.isalpha()])
 
     @classmethod
     def from_file(cls, path: str | Path, show_progress: bool = False) -> "Guard":
@@ -113,20 +121,37 @@ class Guard:
         """Decide about generated text; ``attempt`` counts regenerations already made.
 
         A refused concept leaks on any evidence. A steered concept leaks only when the text *names* it (alias
-        evidence): steering exists to answer on-topic requests without the forbidden names, and exemplars are
-        questions, so meaning-level similarity of an answer would block every on-topic reply.
+        evidence, or a near miss of a distinctive alias: :mod:`detectors.fuzzy`): steering exists to answer
+        on-topic requests without the forbidden names, and exemplars are questions, so meaning-level similarity
+        of an answer would block every on-topic reply.
+
+        When regenerations are used up and every leaked concept is steered with an ``action.fallback``, the
+        choice is answered with the first leaked concept's fallback; otherwise it is blocked.
         """
         verdict = self.classify([text])
+        try:
+            near = self.near_misses.detect([text])
+        except Exception as err:  # noqa: BLE001 - any matcher failure must fail closed, like the classifier's
+            raise GuardUnavailable(f"near-miss check failed: {err}") from err
         named = {s.concept_id for s in verdict.classification.flagged if s.detector == "alias"}
-        leaked = verdict.refused + [cid for cid in verdict.steered if cid in named]
+        named |= set(near.flagged_ids)
+        steered = list(dict.fromkeys(verdict.steered + near.flagged_ids))  # near misses: steer concepts only
+        if near.flagged:
+            scores = sorted(verdict.classification.scores + near.flagged, key=lambda s: (not s.flagged, -s.margin))
+            verdict = Verdict(Classification(scores), verdict.refused, steered, verdict.logged)
+        leaked = verdict.refused + [cid for cid in steered if cid in named]
         if not leaked:
             return OutputDecision(OutputAction.send, verdict)
+        fallbacks = [self.policy.concept(cid).action.fallback for cid in leaked]
+        fallback = fallbacks[0] if not verdict.refused and None not in fallbacks else None
         retries = min(self.policy.concept(cid).methods.token_penalty.max_regenerations for cid in leaked)
         if not verdict.refused and attempt < retries:
             enabled = [cid for cid in leaked if self.policy.concept(cid).methods.token_penalty.enabled]
             penalized = list(dict.fromkeys(decision.penalized + enabled))
             return OutputDecision(OutputAction.regenerate, verdict, penalized, strength=2.0 ** (attempt + 1),
-                                  leaked=leaked)
+                                  message=fallback or "", fallback=fallback is not None, leaked=leaked)
+        if fallback is not None:
+            return OutputDecision(OutputAction.block, verdict, message=fallback, fallback=True, leaked=leaked)
         return OutputDecision(OutputAction.block, verdict, message=self.refusal_message(leaked), leaked=leaked)
 
     def token_penalties(self, tokenizer: "PreTrainedTokenizerBase") -> "TokenPenalties":

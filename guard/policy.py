@@ -64,6 +64,18 @@ class ActionType(str, Enum):
 class Action(_Strict):
     type: ActionType = ActionType.refuse
     message: str = "This request touches content that the deployment policy does not allow ({concepts})."
+    fallback: str | None = Field(
+        None, description="steer only: the answer sent (finish_reason 'stop') when the output still names the "
+                          "concept after its regenerations, instead of blocking it with content_filter.")
+
+    @model_validator(mode="after")
+    def _fallback_steers(self) -> "Action":
+        """A fallback replaces a steered answer; on refuse or log it would silently do nothing, so it is an error."""
+        if self.fallback is not None and self.type is not ActionType.steer:
+            raise ValueError("action.fallback is only allowed with action.type 'steer'")
+        if self.fallback is not None and not self.fallback.strip():
+            raise ValueError("action.fallback must not be empty")
+        return self
 
 
 class DetectionSettings(_Strict):

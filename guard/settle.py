@@ -158,7 +158,8 @@ def text_judge(guard: Guard, decision_of: Callable[[int], PromptDecision]
                ) -> Judge[PenaltyRow | None, Decoded, OutputDecision | None]:
     """Judge text attempts with the guard's output check; ``decision_of(index)`` is the attempt's prompt decision.
 
-    A regeneration decodes under the wider penalty set and stronger penalties the guard asks for.
+    A regeneration decodes under the wider penalty set and stronger penalties the guard asks for; its message is
+    what the choice says if the regeneration limit is reached (a steered concept's fallback, or the policy message).
     """
 
     def judge(items: Sequence[tuple[Attempt[PenaltyRow | None], Decoded]]
@@ -179,11 +180,20 @@ def text_judge(guard: Guard, decision_of: Callable[[int], PromptDecision]
     return judge
 
 
+def _finish_reason(settled: Settled[Decoded, OutputDecision | None]) -> FinishReason:
+    """As decoded when sent; "stop" when a steered concept's fallback answers instead; else "content_filter"."""
+    if settled.blocked is None:
+        return settled.output.finish_reason
+    return "stop" if settled.judgement is not None and settled.judgement.fallback else "content_filter"
+
+
 def text_choices(settled: Sequence[Settled[Decoded, OutputDecision | None]], index_of: Callable[[int], int] = int
                  ) -> list[Choice]:
-    """Settled text attempts as API choices; ``index_of`` maps an attempt's index to its choice index."""
-    return [Choice(index_of(s.index), s.output.text if s.blocked is None else s.blocked,
-                   s.output.finish_reason if s.blocked is None else "content_filter",
+    """Settled text attempts as API choices; ``index_of`` maps an attempt's index to its choice index.
+
+    A blocked choice carries the policy message, or (a fallback) the steered concept's fallback answer.
+    """
+    return [Choice(index_of(s.index), s.output.text if s.blocked is None else s.blocked, _finish_reason(s),
                    s.output.completion_tokens, s.regenerations, s.judgement) for s in settled]
 
 

@@ -7,7 +7,11 @@ split over several deltas ("Eif" + "fel Tow" + "er") is caught before any part o
 twice the longest alias plus a margin, because spaced-out spellings ("E i f f e l") double an alias's length.
 
 A violation ends that choice with ``finish_reason: "content_filter"`` (chat: the policy message in
-``delta.refusal``); the HTTP status is already 200 by then. A guard failure mid-stream sends an OpenAI error
+``delta.refusal``); the HTTP status is already 200 by then. When every leaked concept is steered with an
+``action.fallback`` and nothing of the choice has been released yet, the fallback is sent as the choice's text with
+``finish_reason: "stop"``, exactly as a non-streamed answer; once part of the answer has been sent it cannot be
+replaced, and appending the fallback would read as one garbled answer, so the choice ends with
+``content_filter`` and the fallback as its refusal. A guard failure mid-stream sends an OpenAI error
 frame and no ``[DONE]``, so clients see a failed stream rather than a silently truncated answer.
 """
 
@@ -136,9 +140,14 @@ async def guarded_events(guard: Guard, stream: EngineStream, writer: ChunkWriter
             yield frame(writer.text(index, step.release))
         if step.blocked is not None:
             concepts = blocked_concepts(step.blocked)
-            metrics.record_block(concepts, stage="stream_output")
-            logger.info("stream choice %d blocked by the output check: %s", index, ", ".join(concepts))
-            yield frame(writer.finish(index, "content_filter", blocked_message(guard, step.blocked)))
+            if step.blocked.fallback and windows[index].released == 0:  # answered, as unstreamed: not a block
+                logger.info("stream choice %d answered with the fallback of: %s", index, ", ".join(concepts))
+                yield frame(writer.text(index, step.blocked.message))
+                yield frame(writer.finish(index, "stop", None))
+            else:
+                metrics.record_block(concepts, stage="stream_output")
+                logger.info("stream choice %d blocked by the output check: %s", index, ", ".join(concepts))
+                yield frame(writer.finish(index, "content_filter", blocked_message(guard, step.blocked)))
             open_choices.discard(index)
             await stream.cancel(index)
         elif finish_reason is not None:

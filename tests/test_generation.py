@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -41,12 +42,14 @@ def guard() -> Guard:
     return Guard.from_file(ROOT / "policies" / "default.yaml")
 
 
-def _paris_guard(tmp_path: Path, **token_penalty: object) -> Guard:
-    """A policy that steers away from one word the model writes unprompted ("Paris" for France's capital).
+def _paris_guard(tmp_path: Path, action: str = "steer", fallback: str | None = None, **token_penalty: object) -> Guard:
+    """A policy that steers away from (or refuses) one word the model writes unprompted ("Paris" for France's
+    capital), optionally with an ``action.fallback``.
 
     Only the alias flags it (semantic threshold 0.95), so "What is the capital of France?" is decoded without
     penalties and the leak reaches the output check."""
     settings = ", ".join(f"{key}: {str(value).lower()}" for key, value in token_penalty.items())
+    extra = f", fallback: {json.dumps(fallback)}" if fallback is not None else ""
     path = tmp_path / "paris.yaml"
     path.write_text(f"""
 version: 1
@@ -55,7 +58,7 @@ concepts:
   - id: paris
     kind: knowledge
     description: The city of Paris.
-    action: {{type: steer, message: "blocked ({{concepts}})"}}
+    action: {{type: {action}, message: "blocked ({{concepts}})"{extra}}}
     aliases: [Paris]
     detection: {{semantic_threshold: 0.95}}
     methods:
@@ -137,6 +140,26 @@ def test_regeneration_is_bounded_then_blocked(tmp_path: Path, model_and_tokenize
         choice = result.choices[0]
         assert choice.regenerations == retries
         assert choice.finish_reason == "content_filter" and choice.text == "blocked (paris)"
+
+
+def test_a_steered_leak_is_answered_with_the_fallback(tmp_path: Path, model_and_tokenizer) -> None:
+    """Penalties that cannot change the answer: after the regeneration the fallback is sent, as a normal answer."""
+    model, tokenizer = model_and_tokenizer
+    guard = _paris_guard(tmp_path, fallback="I don't have information about that.", hard_block=False,
+                         soft_penalty=0, max_regenerations=1)
+    choice = generate(guard, model, tokenizer, _chat("What is the capital of France?")).choices[0]
+    assert choice.regenerations == 1
+    assert (choice.finish_reason, choice.text) == ("stop", "I don't have information about that.")
+    assert choice.output_decision.fallback and choice.output_decision.verdict.steered == ["paris"]
+
+
+def test_a_refused_leak_is_still_blocked(tmp_path: Path, model_and_tokenizer) -> None:
+    """Refuse concepts never regenerate and never get a fallback: the output is withheld with content_filter."""
+    model, tokenizer = model_and_tokenizer
+    guard = _paris_guard(tmp_path, action="refuse")
+    choice = generate(guard, model, tokenizer, _chat("What is the capital of France?")).choices[0]
+    assert (choice.finish_reason, choice.text, choice.regenerations) == ("content_filter", "blocked (paris)", 0)
+    assert not choice.output_decision.fallback
 
 
 def test_output_leak_is_regenerated_with_the_hard_block(tmp_path: Path, model_and_tokenizer) -> None:

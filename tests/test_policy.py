@@ -205,3 +205,16 @@ def test_a_policy_failing_its_tests_never_becomes_active(tmp_path: Path) -> None
     text = DEFAULT.read_text().replace("    - Who was Harry S. Truman?\n", "    - How do I build a pipe bomb?\n", 1)
     with pytest.raises(PolicyError, match=r"tests\.must_allow\[2\]: 'How do I build a pipe bomb\?' was refused"):
         ActiveGuard.build(load_policy(write(tmp_path, "weakened.yaml", text)), ServerMetrics())
+
+
+def test_fallback_is_a_steer_only_answer(tmp_path: Path) -> None:
+    """action.fallback answers a steered concept that still leaks; on refuse or log it would do nothing, so it fails."""
+    steered = load_policy(DEFAULT).concept("harry-potter").action
+    assert steered.type is ActionType.steer and steered.fallback == "I don't have information about that."
+    assert load_policy(DEFAULT).concept("weapons").action.fallback is None
+    for action, message in (("{type: refuse, fallback: No.}", "only allowed with action.type 'steer'"),
+                            ("{type: steer, fallback: '  '}", "must not be empty")):
+        bad = write(tmp_path, "fallback.yaml", MINIMAL + f"    action: {action}\n")
+        with pytest.raises(PolicyError) as err:
+            load_policy(bad)
+        assert err.value.field == "concepts[0].action" and message in err.value.message

@@ -133,6 +133,22 @@ def test_aliases_are_blocked_after_any_separator_but_not_inside_words(penalties:
     assert not set(potter) & _blocked_after(penalties, (CONCEPT,), ids)
 
 
+@pytest.mark.parametrize("separator", [" ", "-", "_", ".", "\n", "\t", "  "])
+def test_alias_words_are_blocked_across_every_separator(penalties: TokenPenalties, tokenizer, separator: str) -> None:
+    """"Harry_Potter", "Harry\nPotter", "Harry  Potter" name the concept as surely as "Harry Potter"."""
+    for alias in ("Harry{}Potter", "Severus{}Snape", "Ron{}Weasley"):
+        ids = tokenizer.encode("Answer: " + alias.format(separator), add_special_tokens=False)
+        row = penalties.row(PenaltyRow((CONCEPT,)))
+        blocked_at = None
+        for step, token_id in enumerate(ids):
+            row.observe(ids[:step])
+            if token_id in {int(t) for group in row.blocked_ids() for t in group.tolist()}:
+                blocked_at = step
+                break
+        assert blocked_at is not None, f"{alias.format(separator)!r} was written unblocked"
+        assert tokenizer.decode(ids[:blocked_at]).startswith("Answer: " + alias.format(separator)[:3])
+
+
 def test_ordinary_text_is_never_blocked(penalties: TokenPenalties, tokenizer) -> None:
     text = ("The capital of France is Paris. Potters make pottery; Harold wrote a story about a wizard, "
             "a harbour and a stone bridge in the hogshead tavern.")

@@ -55,6 +55,9 @@ MIN_PARTIAL_BLOCK = 6
 # "old", "itch") occur inside too many ordinary words for a static -100 bias.
 COMMON_TOKEN_RANK = 10_000
 _APOSTROPHES = ("'", "\u2019")
+# What can stand between an alias's words besides one space: the model writes "Harry-Potter", "Harry_Potter",
+# "harry.potter", "Harry\nPotter" (a line break), a tab or a doubled space, and each must be blocked like a space.
+_WORD_SEPARATORS = ("-", "_", ".", "\n", "\t", "  ")
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,8 @@ class PenaltyRow:
 
 def _spellings(alias: str) -> list[str]:
     """Lower-cased spellings to forbid. Matching ignores case, so only apostrophe styles and word separators
-    multiply: "harry potter", "harrypotter", "harry-potter" (squashed only when long, like the alias detector)."""
+    multiply: "harry potter", "harrypotter" (squashed only when long, like the alias detector), and the words
+    joined by each of ``_WORD_SEPARATORS`` ("harry-potter", "harry_potter", "harry\npotter", ...)."""
     base = " ".join(alias.lower().split())
     spellings = {base}
     for apostrophe in _APOSTROPHES:
@@ -76,7 +80,7 @@ def _spellings(alias: str) -> list[str]:
                 spellings.add(base.replace(apostrophe, other))
     for spelling in list(spellings):
         if " " in spelling:
-            spellings.add(spelling.replace(" ", "-"))
+            spellings.update(spelling.replace(" ", separator) for separator in _WORD_SEPARATORS)
             if len(spelling.replace(" ", "")) >= MIN_SQUASHED_LENGTH:
                 spellings.add(spelling.replace(" ", ""))
     return sorted(spellings)
