@@ -134,10 +134,12 @@ class Guard:
         except Exception as err:  # noqa: BLE001 - any matcher failure must fail closed, like the classifier's
             raise GuardUnavailable(f"near-miss check failed: {err}") from err
         named = {s.concept_id for s in verdict.classification.flagged if s.detector == "alias"}
-        named |= set(near.flagged_ids)
-        steered = list(dict.fromkeys(verdict.steered + near.flagged_ids))  # near misses: steer concepts only
-        if near.flagged:
-            scores = sorted(verdict.classification.scores + near.flagged, key=lambda s: (not s.flagged, -s.margin))
+        # A near miss is evidence only where no exact alias already names the concept (one row per concept).
+        misses = [s for s in near.flagged if s.concept_id not in named]
+        named |= {s.concept_id for s in misses}
+        steered = list(dict.fromkeys(verdict.steered + [s.concept_id for s in misses]))  # near misses: steer only
+        if misses:
+            scores = sorted(verdict.classification.scores + misses, key=lambda s: (not s.flagged, -s.margin))
             verdict = Verdict(Classification(scores), verdict.refused, steered, verdict.logged)
         leaked = verdict.refused + [cid for cid in steered if cid in named]
         if not leaked:
