@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
@@ -285,6 +285,11 @@ def _check_prompt(guard: Guard | None, request: TextRequest) -> PromptDecision |
     return None if guard is None else guard.check_prompt(request.guard_texts)
 
 
+def _penalty(decision: PromptDecision | None) -> PenaltyRow | None:
+    """The first attempt's penalties: the prompt decision's penalised concepts (none when unguarded)."""
+    return None if decision is None else penalty_row(decision.penalized)
+
+
 def generate_batch(guard: Guard | None, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
                    requests: Sequence[TextRequest]) -> list[GenerationResult | ConceptRefused]:
     """Answer several requests in one decode; refused ones come back as their ConceptRefused.
@@ -303,15 +308,11 @@ def generate_batch(guard: Guard | None, model: "PreTrainedModel", tokenizer: "Pr
             outcomes[index] = refused
             continue
         prompts[index] = _prompt_ids(tokenizer, request)
-        decision = decisions[index]
         for choice in range(request.settings.n):
-            rows.append(_Row(index, choice, prompts[index], request.settings,
-                             penalty_row(decision.penalized) if decision is not None else None))
+            rows.append(_Row(index, choice, prompts[index], request.settings, _penalty(decisions[index])))
 
     def decode(attempts: list[Attempt[PenaltyRow | None]]) -> list[Decoded]:
-        batch = [_Row(rows[a.index].request, rows[a.index].choice, rows[a.index].prompt_ids, rows[a.index].settings,
-                      a.plan) for a in attempts]
-        return _decode(guard, model, tokenizer, batch)
+        return _decode(guard, model, tokenizer, [replace(rows[a.index], penalty=a.plan) for a in attempts])
 
     first = [Attempt(i, row.penalty) for i, row in enumerate(rows)]
     decoded = decode(first) if first else []
@@ -427,7 +428,8 @@ class GuardedStream:
             return  # closed by the consumer: no finish reason to report
         result = self._result[0]
         remainder = result.text[len(self.text):]
-        self.text, self.completion_tokens, self.finish_reason = result.text, result.completion_tokens, result.finish_reason
+        self.text, self.completion_tokens, self.finish_reason = (result.text, result.completion_tokens,
+                                                                 result.finish_reason)
         yield StreamDelta(remainder, result.finish_reason)
 
     def close(self) -> None:
@@ -441,6 +443,5 @@ def start_stream(guard: Guard | None, model: "PreTrainedModel", tokenizer: "PreT
     if request.settings.n != 1:
         raise ValueError("streaming supports n == 1 only")
     decision = _check_prompt(guard, request)
-    row = _Row(0, 0, _prompt_ids(tokenizer, request), request.settings,
-               penalty_row(decision.penalized) if decision is not None else None)
+    row = _Row(0, 0, _prompt_ids(tokenizer, request), request.settings, _penalty(decision))
     return GuardedStream(guard, model, tokenizer, row, decision)

@@ -94,13 +94,14 @@ async def guarded_generate(guard: Guard, request: TextRequest, decode: Decode) -
     """``generate`` for engines that only decode (an upstream server, vLLM): check the prompt (raising before
     anything is decoded), decode ``n`` choices, then the settle loop of :mod:`guard.settle`, as in-process."""
     decision = await to_thread.run_sync(guard.check_prompt, request.guard_texts)
-    first = await decode(guard, request, penalty_row(decision.penalized), request.settings.n, request.settings.seed)
+    penalty = penalty_row(decision.penalized)
+    first = await decode(guard, request, penalty, request.settings.n, request.settings.seed)
 
     async def again(attempts: list[Attempt[PenaltyRow | None]]) -> list[Decoded]:
         results = await asyncio.gather(*(
             decode(guard, request, a.plan, 1, seed_for_choice(request.settings.seed, a.index)) for a in attempts))
         return [result.choices[0] for result in results]
 
-    attempts = [Attempt(i, penalty_row(decision.penalized)) for i in range(len(first.choices))]
+    attempts = [Attempt(i, penalty) for i in range(len(first.choices))]
     settled = await settle_async(list(zip(attempts, first.choices)), text_judge(guard, lambda _: decision), again)
     return GenerationResult(text_choices(settled), first.prompt_tokens, decision)
