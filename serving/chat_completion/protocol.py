@@ -39,6 +39,24 @@ class ChatMessage(OpenAIBaseModel):
         return "".join(part.text for part in self.content if isinstance(part, TextPart))
 
 
+def unsupported_message(messages: list[ChatMessage], verb: str = "supported") -> tuple[str, str] | None:
+    """The first message part the guard cannot read (tool calls, non-text parts): its parameter and why."""
+    for i, message in enumerate(messages):
+        if message.role == "tool" or message.tool_calls is not None or message.tool_call_id is not None:
+            where = f"messages[{i}].tool_calls" if message.tool_calls is not None else f"messages[{i}].role"
+            return where, f"tool calls are not {verb}"
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if isinstance(part, OtherPart):
+                    return f"messages[{i}].content[{j}]", f"only text parts are {verb}, not '{part.type}'"
+    return None
+
+
+def plain_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as ``{"role", "content"}`` text; 'developer' is the newer name of 'system'."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -72,19 +90,10 @@ class ChatCompletionRequest(SamplingRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def unsupported(self) -> tuple[str, str] | None:
-        for i, message in enumerate(self.messages):
-            if message.role == "tool" or message.tool_calls is not None or message.tool_call_id is not None:
-                where = f"messages[{i}].tool_calls" if message.tool_calls is not None else f"messages[{i}].role"
-                return where, "tool calls are not supported"
-            if isinstance(message.content, list):
-                for j, part in enumerate(message.content):
-                    if isinstance(part, OtherPart):
-                        return f"messages[{i}].content[{j}]", f"only text parts are supported, not '{part.type}'"
-        return super().unsupported()
+        return unsupported_message(self.messages) or super().unsupported()
 
     def plain_messages(self) -> list[dict[str, str]]:
-        """Messages as ``{"role", "content"}`` text; 'developer' is the newer name of 'system'."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return plain_messages(self.messages)
 
 
 class AssistantMessage(ResponseModel):

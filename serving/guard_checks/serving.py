@@ -18,7 +18,7 @@ from guard.decision import OutputAction
 from guard.errors import GuardUnavailable
 from guard.policy import Policy
 from guard.text.generation import TextRequest
-from serving.chat_completion.protocol import OtherPart
+from serving.chat_completion.protocol import plain_messages, unsupported_message
 from serving.chat_completion.serving import ChatServing
 from serving.errors import policy_violation, unsupported_parameter
 from serving.guard_checks.protocol import CheckRequest, CheckResponse, Stage
@@ -44,15 +44,9 @@ class CheckServing(GuardedServing[CheckRequest]):
         """The parameter name, the texts the prompt check reads, and what erase-and-check certifies (with labels)."""
         if request.input is not None:
             return "input", [request.input], [request.input], ["input"]
-        for i, message in enumerate(request.messages or []):
-            if message.role == "tool" or message.tool_calls is not None or message.tool_call_id is not None:
-                raise self.invalid(unsupported_parameter(f"messages[{i}]", "tool calls are not checked"))
-            for j, part in enumerate(message.content if isinstance(message.content, list) else []):
-                if isinstance(part, OtherPart):
-                    raise self.invalid(unsupported_parameter(f"messages[{i}].content[{j}]",
-                                                             f"only text parts are checked, not '{part.type}'"))
-        chat = TextRequest(messages=[{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                                     for m in request.messages or []])
+        if (unreadable := unsupported_message(request.messages or [], verb="checked")) is not None:
+            raise self.invalid(unsupported_parameter(*unreadable))
+        chat = TextRequest(messages=plain_messages(request.messages or []))
         certified, labels = ChatServing.certified_text(active.guard.policy, chat)
         return "messages", chat.guard_texts, certified, labels
 
