@@ -13,7 +13,7 @@ import asyncio
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Generic, Mapping, Sequence, TypeVar
+from typing import Callable, Generic, Mapping, Sequence, TypeVar
 
 from anyio import to_thread
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -44,6 +44,7 @@ logger = logging.getLogger("serving")
 
 RequestT = TypeVar("RequestT", bound=OpenAIBaseModel)
 SamplingRequestT = TypeVar("SamplingRequestT", bound=SamplingRequest)
+T = TypeVar("T")
 
 
 def guard_headers(policy: Policy, flagged: Sequence[str]) -> dict[str, str]:
@@ -119,6 +120,13 @@ class GuardedServing(ABC, Generic[RequestT]):
         error = guard_unavailable(str(err))
         error.headers.update(guard_headers(policy, []))
         return error
+
+    async def run_check(self, policy: Policy, check: Callable[[], T]) -> T:
+        """A blocking guard check in a worker thread; a guard that cannot run is a 503 (fail closed)."""
+        try:
+            return await to_thread.run_sync(check)
+        except GuardUnavailable as err:
+            raise self.unavailable(policy, err) from None
 
     def check_length(self, texts: Sequence[str], param: str) -> None:
         """400 for input longer than the guard checks (``--max-checked-chars``): never a partial check."""

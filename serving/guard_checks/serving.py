@@ -11,12 +11,9 @@ from __future__ import annotations
 import time
 from typing import Any, Awaitable, Callable, TypeVar
 
-from anyio import to_thread
 from fastapi.responses import JSONResponse
 
 from guard.decision import OutputAction
-from guard.errors import GuardUnavailable
-from guard.policy import Policy
 from guard.text.generation import TextRequest
 from serving.chat_completion.protocol import plain_messages, unsupported_message
 from serving.chat_completion.serving import ChatServing
@@ -59,7 +56,7 @@ class CheckServing(GuardedServing[CheckRequest]):
         if request.output is not None:
             self.check_length([request.output], "output")
 
-        verdict, prompt_ms = await timed(lambda: self._run(policy, lambda: guard.classify(texts)))
+        verdict, prompt_ms = await timed(lambda: self.run_check(policy, lambda: guard.classify(texts)))
         concepts: list[ConceptReport] = prompt_reports(policy, verdict.classification)
         prompt_action = strongest(c.action for c in concepts)
         stages = [Stage(name="prompt", ran=True, result=prompt_action, ms=prompt_ms)]
@@ -77,7 +74,7 @@ class CheckServing(GuardedServing[CheckRequest]):
             stages.append(Stage(name="output", ran=False, skipped="no output given"))
         else:
             output = request.output
-            decision, output_ms = await timed(lambda: self._run(
+            decision, output_ms = await timed(lambda: self.run_check(
                 policy, lambda: guard.check_output(output, guard.prompt_decision(verdict))))
             rows = output_reports(policy, decision)
             concepts += rows
@@ -115,10 +112,3 @@ class CheckServing(GuardedServing[CheckRequest]):
                 return stage, certificate, concepts, policy_violation(trigger.refused, message).message
         stage = Stage(name="certify", ran=True, result="passed", ms=(time.perf_counter() - start) * 1000)
         return stage, certificate, [], None
-
-    async def _run(self, policy: Policy, check: Callable[[], T]) -> T:
-        """A blocking guard check in a worker thread; a detector failure is a 503."""
-        try:
-            return await to_thread.run_sync(check)
-        except GuardUnavailable as err:
-            raise self.unavailable(policy, err) from None

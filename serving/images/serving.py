@@ -83,14 +83,13 @@ class ImageServing(GuardedServing[ImageGenerationRequest]):
         """The text detectors (aliases, exemplars) over the prompt, as for chat: a refused concept is a 400 before
         any pixel. The negative prompt is classified too but never refused: naming a concept there steers the
         image away from it, which is what a safety-minded user writes; its flags travel in a header."""
+        negative_prompt = request.negative_prompt
         try:
-            decision = await to_thread.run_sync(guard.check_prompt, [request.prompt])
-            negative = (await to_thread.run_sync(guard.classify, [request.negative_prompt])
-                        if request.negative_prompt else None)
+            decision = await self.run_check(guard.policy, lambda: guard.check_prompt([request.prompt]))
         except ConceptRefused as err:
             raise self.refuse(guard.policy, err.concept_ids, err.message, request.user) from None
-        except GuardUnavailable as err:
-            raise self.unavailable(guard.policy, err) from None
+        negative = (await self.run_check(guard.policy, lambda: guard.classify([negative_prompt]))
+                    if negative_prompt else None)
         return list(decision.verdict.flagged), [] if negative is None else list(negative.flagged)
 
     def _refused(self, policy: Policy, err: ImageRefused, user: str | None) -> OpenAIError:

@@ -8,11 +8,9 @@ that cannot run is a 503 like everywhere else, never an unflagged guess.
 
 from __future__ import annotations
 
-from anyio import to_thread
 from fastapi.responses import JSONResponse
 
 from guard.decision import Verdict
-from guard.errors import GuardUnavailable
 from guard.policy import Policy
 from serving.errors import OpenAIError, unsupported_parameter
 from serving.guard_state import ActiveGuard
@@ -63,10 +61,7 @@ class ModerationServing(GuardedServing[ModerationRequest]):
             with self.metrics.guard_timer("prompt"):
                 return [guard.classify([text]) for text in texts]
 
-        try:
-            return await to_thread.run_sync(run)
-        except GuardUnavailable as err:
-            raise self.unavailable(guard.policy, err) from None
+        return await self.run_check(guard.policy, run)
 
     async def _result(self, active: ActiveGuard, text: str, verdict: Verdict, label: str) -> ModerationResult:
         """One input's result; ``label`` names it in the certificate (``input``, ``input[2]``)."""
