@@ -8,7 +8,8 @@ sent?" — so every path through the product applies the same policy the same wa
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -43,6 +44,7 @@ class Verdict:
 class PromptDecision:
     verdict: Verdict
     penalized: list[str]  # concepts whose token penalties apply while decoding this request
+    ms: float = 0.0  # how long the prompt check took (engines decide in their own threads; the log reads it here)
 
 
 class OutputAction(str, Enum):
@@ -60,6 +62,7 @@ class OutputDecision:
     message: str = ""  # for a block: the policy's message; for a fallback (or its regeneration): the fallback
     fallback: bool = False  # the choice ends with ``message`` as its answer (finish_reason "stop"), not a block
     leaked: list[str] = field(default_factory=list)  # the concepts that keep the text from being sent as is
+    ms: float = 0.0  # time spent checking: this check, plus the earlier checks of the same choice (settle loop)
 
 
 class Guard:
@@ -106,10 +109,12 @@ class Guard:
 
     def check_prompt(self, texts: Sequence[str]) -> PromptDecision:
         """Raise :class:`ConceptRefused` for refused concepts; otherwise say which concepts to erase."""
+        started = time.perf_counter()
         verdict = self.classify(texts)
+        ms = (time.perf_counter() - started) * 1000
         if verdict.refused:
-            raise ConceptRefused(verdict.refused, self.refusal_message(verdict.refused))
-        return self.prompt_decision(verdict)
+            raise ConceptRefused(verdict.refused, self.refusal_message(verdict.refused), ms=ms)
+        return replace(self.prompt_decision(verdict), ms=ms)
 
     def prompt_decision(self, verdict: Verdict) -> PromptDecision:
         """Which concepts decoding erases for a prompt judged ``verdict`` (refused concepts aside); check-only
@@ -128,6 +133,11 @@ class Guard:
         When regenerations are used up and every leaked concept is steered with an ``action.fallback``, the
         choice is answered with the first leaked concept's fallback; otherwise it is blocked.
         """
+        started = time.perf_counter()
+        decided = self._judge_output(text, decision, attempt)
+        return replace(decided, ms=(time.perf_counter() - started) * 1000)
+
+    def _judge_output(self, text: str, decision: PromptDecision, attempt: int) -> OutputDecision:
         verdict = self.classify([text])
         try:
             near = self.near_misses.detect([text])

@@ -14,6 +14,7 @@ import difflib
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -514,6 +515,36 @@ def load_policy(path: str | Path, apply_calibration: bool = True) -> Policy:
         if apply_calibration:
             _apply_calibration(policy, policy._calibration_path, declared_in, raw_concepts)
     return policy
+
+
+@dataclass(frozen=True)
+class PolicyBinding:
+    """One entry of a policy map: an API key (or a key id) and the policy file that guards its requests."""
+
+    key: str
+    policy_path: Path
+    line: int | None  # where the map names it, for errors about the entry
+
+
+def load_policy_map(path: str | Path) -> list[PolicyBinding]:
+    """Read a ``--policy-map`` file (YAML: API key or key id -> policy file, relative to the map); raise
+    :class:`PolicyError` naming the map's file and line for a malformed entry or a policy file that is missing.
+    The policies themselves are loaded by the caller (their errors name their own file and line). Messages never
+    repeat a key: the line says which entry."""
+    path = Path(path)
+    source = _Source(path, shape="a policy map must be a mapping of API keys (or key ids) to policy files")
+    bindings = []
+    for key, target in source.data.items():
+        line = source.line_of((key,))
+        if not isinstance(key, str) or not key.strip():
+            raise PolicyError(path, "an API key or key id must be a non-empty string", line=line)
+        if not isinstance(target, str) or not target.strip():
+            raise PolicyError(path, "the entry must name a policy file (a path relative to the map)", line=line)
+        policy_path = (path.parent / target).resolve()
+        if not policy_path.is_file():
+            raise PolicyError(path, f"policy file not found: {target}", line=line)
+        bindings.append(PolicyBinding(key.strip(), policy_path, line))
+    return bindings
 
 
 def _parse_calibration(path: Path) -> tuple[Calibration, _Source]:

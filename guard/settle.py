@@ -10,7 +10,7 @@ only what differs: how to decode a batch of attempts and how to judge them.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, Literal, TypeVar
 
 from anyio import to_thread
@@ -162,6 +162,8 @@ def text_judge(guard: Guard, decision_of: Callable[[int], PromptDecision]
     what the choice says if the regeneration limit is reached (a steered concept's fallback, or the policy message).
     """
 
+    spent_ms: dict[int, float] = {}  # output checking per choice so far: a settled choice reports all its checks
+
     def judge(items: Sequence[tuple[Attempt[PenaltyRow | None], Decoded]]
               ) -> list[Step[PenaltyRow | None, OutputDecision | None]]:
         steps: list[Step[PenaltyRow | None, OutputDecision | None]] = []
@@ -171,6 +173,8 @@ def text_judge(guard: Guard, decision_of: Callable[[int], PromptDecision]
                 continue
             decision = decision_of(attempt.index)
             checked = guard.check_output(decoded.text, decision, attempt.regenerations)
+            spent_ms[attempt.index] = spent_ms.get(attempt.index, 0.0) + checked.ms
+            checked = replace(checked, ms=spent_ms[attempt.index])
             message = ""
             if checked.action is not OutputAction.send:
                 message = checked.message or guard.refusal_message(checked.verdict.flagged or decision.penalized)

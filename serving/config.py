@@ -37,6 +37,9 @@ class ServerSettings:
     vllm_options: dict[str, object] = field(default_factory=dict)  # extra vllm AsyncEngineArgs
     image_model: str | None = None  # a local Stable Diffusion folder: serves /v1/images/generations
     image_nsfw_threshold: float | None = None  # Open-NSFW check of generated images (None: off)
+    policy_map: Path | None = None  # YAML: API key or key id -> policy file (other keys get policy_path)
+    decision_log: str | None = None  # a file to append one JSON line per request to, or "-" for stdout
+    max_queue: int = 64  # POST /v1 requests in the server at once; more get 429 with Retry-After
 
     def __post_init__(self) -> None:
         if self.engine == "upstream" and not self.upstream_url:
@@ -45,7 +48,7 @@ class ServerSettings:
             raise SettingsError("--upstream, --upstream-tokenizer and --upstream-api-key only apply to the "
                                 "upstream engine")
         for name in ("max_request_bytes", "max_checked_chars", "max_tokens_limit", "default_max_tokens", "max_n",
-                     "max_batch_size", "stream_check_interval"):
+                     "max_batch_size", "stream_check_interval", "max_queue"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1")
         if self.upstream_timeout_s <= 0:

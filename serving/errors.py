@@ -70,6 +70,13 @@ def invalid_api_key() -> OpenAIError:
                        code="invalid_api_key", headers={"www-authenticate": "Bearer"})
 
 
+def queue_full(limit: int, retry_after_s: int) -> OpenAIError:
+    # 429 + Retry-After in OpenAI's rate-limit shape: the SDKs wait that long and retry (max_retries, default 2).
+    return OpenAIError(429, f"The server is busy: {limit} requests are already being answered or waiting "
+                            f"(--max-queue {limit}). Retry after {retry_after_s} s.", type="requests",
+                       code="rate_limit_exceeded", headers={"retry-after": str(retry_after_s)})
+
+
 def model_not_found(model: str, served: str) -> OpenAIError:
     return OpenAIError(404, f"The model '{model}' does not exist; this server serves '{served}'.", param="model",
                        code="model_not_found")
@@ -110,7 +117,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (404, "Unknown model or route."),
         (405, "Method not allowed."),
         (413, "Request body over --max-request-bytes."),
-        (429, "The upstream is rate limiting."),
+        (429, "The server's queue is full (--max-queue; Retry-After says when to retry), or the upstream is "
+               "rate limiting."),
         (500, "Internal error."),
         (502, "The upstream model server failed."),
         (503, "The guard could not run: the request was not answered (fail closed)."),

@@ -1,9 +1,11 @@
-"""The active guard with its certifier, and their hot reload.
+"""The active guard with its certifier, their hot reload, and which policy guards which API key.
 
 A request takes the active guard once and keeps it to the end, so it is judged by one policy even if a reload
 lands mid-request. A reload builds the new guard completely (detectors, erase-and-check, the engine's penalty tables,
 the image guard) before swapping it in; a policy that fails to load or build is rejected with a log line and the
-old one stays active — a broken edit must never leave the server unguarded or down.
+old one stays active — a broken edit must never leave the server unguarded or down. With ``--policy-map`` each
+policy has its own state (and watcher), and :class:`KeyPolicies` picks a request's state by its API key alone: no
+request field can choose a policy, so a client cannot pick a weaker one.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ class GuardState:
         previous = self.guard.policy.version_tag
         self.active = active
         self.metrics.policy_reloads.labels(result="applied").inc()
-        self.metrics.set_policy(policy.version_tag)
+        self.metrics.set_policy(policy.version_tag, previous)
         logger.info("policy reloaded: %s -> %s", previous, policy.version_tag)
         return True
 
@@ -123,6 +125,22 @@ class GuardState:
 
         async for _changes in awatch(*self.watched_paths(), watch_filter=relevant, debounce=300, step=50):
             await self.reload()
+
+
+@dataclass(frozen=True)
+class KeyPolicies:
+    """The policy state of each API key bound by ``--policy-map`` (by key id); every other key gets ``default``."""
+
+    default: GuardState
+    bound: dict[str, GuardState]  # key id -> its policy's state
+
+    def for_key(self, key_id: str | None) -> GuardState:
+        return self.default if key_id is None else self.bound.get(key_id, self.default)
+
+    @property
+    def states(self) -> list[GuardState]:
+        """Every policy state once (keys bound to the same file share one)."""
+        return list({id(s): s for s in (self.default, *self.bound.values())}.values())
 
 
 async def cancel(task: asyncio.Task[None] | None) -> None:

@@ -30,6 +30,7 @@ from guard.decision import Guard, OutputAction, OutputDecision, PromptDecision
 from guard.errors import GuardUnavailable
 from guard.policy import Policy
 from guard.settle import FinishReason
+from serving.decisions import OUTPUT_RESULTS, RequestTrace, strongest_result
 from serving.engines.base import EngineStream
 from serving.errors import OpenAIError, guard_unavailable
 from serving.metrics import ServerMetrics
@@ -122,35 +123,45 @@ def frame(payload: dict) -> bytes:
 
 async def guarded_events(guard: Guard, stream: EngineStream, writer: ChunkWriter, choices: int, window: int,
                          interval: int, include_usage: bool, metrics: ServerMetrics,
-                         count: Callable[[str], None]) -> AsyncIterator[bytes]:
+                         count: Callable[[str], None], trace: RequestTrace) -> AsyncIterator[bytes]:
     """The SSE body of a guarded stream; closes the engine stream however it ends.
 
-    ``count`` counts the request's outcome (the endpoint handler's counter): a stream's outcome is only known
-    once its body has been sent.
+    ``count`` counts the request's outcome (the endpoint handler's counter) and ``trace`` gets the output stage
+    (every window check, timed) and is finished: a stream's outcome is only known once its body has been sent.
     """
     windows = {i: OutputWindow(guard, stream.decision, window, interval) for i in range(choices)}
     open_choices = set(windows)
+    outcomes: list[str] = []
+    checks = {"n": 0, "ms": 0.0}
+    error: str | None = None
 
     async def settle(index: int, finish_reason: FinishReason | None) -> AsyncIterator[bytes]:
         """Check choice ``index`` (finally, when ``finish_reason`` is set) and emit what may be sent."""
         started = time.perf_counter()
         step = await to_thread.run_sync(windows[index].check, finish_reason is not None)
-        metrics.guard_latency.labels(stage="stream_output").observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        metrics.guard_latency.labels(stage="stream_output").observe(elapsed)
+        checks["n"] += 1
+        checks["ms"] += elapsed * 1000
         if step.release:
             yield frame(writer.text(index, step.release))
         if step.blocked is not None:
             concepts = blocked_concepts(step.blocked)
             if step.blocked.fallback and windows[index].released == 0:  # answered, as unstreamed: not a block
                 logger.info("stream choice %d answered with the fallback of: %s", index, ", ".join(concepts))
+                outcomes.append("fallback")
                 yield frame(writer.text(index, step.blocked.message))
                 yield frame(writer.finish(index, "stop", None))
             else:
+                outcomes.append("block")
                 metrics.record_block(concepts, stage="stream_output")
                 logger.info("stream choice %d blocked by the output check: %s", index, ", ".join(concepts))
                 yield frame(writer.finish(index, "content_filter", blocked_message(guard, step.blocked)))
+            trace.flag(concepts)
             open_choices.discard(index)
             await stream.cancel(index)
         elif finish_reason is not None:
+            outcomes.append("send")
             yield frame(writer.finish(index, finish_reason, None))
             open_choices.discard(index)
 
@@ -176,18 +187,25 @@ async def guarded_events(guard: Guard, stream: EngineStream, writer: ChunkWriter
     except GuardUnavailable as err:
         logger.error("guard failed during a stream; ending it with an error frame: %s", err)
         count("guard_unavailable")
+        error = "guard_unavailable"
         yield guard_unavailable(str(err)).sse_frame()
     except (OpenAIError, EngineStreamError) as err:
         logger.error("engine failed during a stream: %s", err)
         count("error")
-        error = err if isinstance(err, OpenAIError) else OpenAIError(500, str(err), type="server_error",
-                                                                      code="engine_error")
-        yield error.sse_frame()
+        failure = err if isinstance(err, OpenAIError) else OpenAIError(500, str(err), type="server_error",
+                                                                        code="engine_error")
+        error = failure.code
+        yield failure.sse_frame()
     except (asyncio.CancelledError, GeneratorExit):  # the client went away: stop decoding for it
         count("disconnected")
+        error = "client_disconnected"
         raise
     finally:
         await stream.aclose()
+        result = strongest_result(outcomes, OUTPUT_RESULTS) if outcomes else "unfinished"
+        trace.ran("output", f"{result} ({checks['n']} window checks)" + (f", then {error}" if error else ""),
+                  checks["ms"])
+        trace.finish(200, error)
 
 
 class EngineStreamError(RuntimeError):

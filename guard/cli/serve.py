@@ -54,6 +54,14 @@ def serve(
         help="Local Stable Diffusion (1.x/2.x/XL) folder to serve at /v1/images/generations.")] = None,
     image_nsfw_threshold: Annotated[float | None, typer.Option(
         help="Check generated images with Open-NSFW; scores at or above this are regenerated or refused.")] = None,
+    policy_map: Annotated[Path | None, typer.Option(
+        help="YAML file binding API keys (or key ids) to policy files; other keys get --policy. Each policy is "
+             "hot-reloaded on its own.", show_default=False)] = None,
+    decision_log: Annotated[str | None, typer.Option(
+        help="Append one JSON line per request (stages, concepts, action, certificate) to this file; - for "
+             "stdout.", show_default=False)] = None,
+    max_queue: Annotated[int, typer.Option(help="Most POST /v1 requests in the server at once; more get 429 with "
+                                                "Retry-After.")] = 64,
     reload: Annotated[bool, typer.Option(help="Reload the policy when its file changes.")] = True,
     log_level: Annotated[Literal["debug", "info", "warning", "error"], typer.Option()] = "info",
 ) -> None:
@@ -81,7 +89,8 @@ def serve(
             max_tokens_limit=max_tokens_limit,
             default_max_tokens=default_max_tokens, batch_wait_ms=batch_wait_ms, max_batch_size=max_batch_size,
             reload_policy=reload, vllm_options=vllm_options, image_model=image_model,
-            image_nsfw_threshold=image_nsfw_threshold)
+            image_nsfw_threshold=image_nsfw_threshold, policy_map=policy_map, decision_log=decision_log,
+            max_queue=max_queue)
         policy = load_policy(policy_file)  # a bad policy fails before any model is loaded
         loading = f"the {chosen} engine ({model})" + (f", the image model ({image_model})" if image_model else "")
         with console.status(f"loading {loading} and the guard"):
@@ -90,6 +99,8 @@ def serve(
         raise fail(str(err)) from None
     except ImportError as err:
         raise fail(f"the {chosen} engine is not installed ({err}); for vLLM: pip install '.[vllm]'") from None
+    except OSError as err:  # the decision log cannot be opened
+        raise fail(str(err)) from None
 
     server = uvicorn.Server(uvicorn.Config(server_app, host=host, port=port, log_level=log_level))
     try:

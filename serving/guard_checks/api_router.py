@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from serving.auth import Caller, caller
 from serving.guard_checks.protocol import CheckRequest, CheckResponse
 from serving.guard_checks.serving import CheckServing
 
@@ -20,5 +21,6 @@ async def check_serving(request: Request) -> CheckServing:
 
 @router.post("/v1/guard/checks", response_model=None,
              responses={200: {"model": CheckResponse, "description": "What the guard would do, stage by stage."}})
-async def create_check(body: CheckRequest, handler: Annotated[CheckServing, Depends(check_serving)]) -> JSONResponse:
-    return await handler(body)
+async def create_check(body: CheckRequest, handler: Annotated[CheckServing, Depends(check_serving)],
+                       who: Annotated[Caller, Depends(caller)]) -> JSONResponse:
+    return await handler(body, who)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, model_validator
 
 from serving.chat_completion.protocol import ChatMessage
+from serving.decisions import Stage
 from serving.protocol import ConceptReport, GuardAction, OpenAIBaseModel, ResponseModel
 
 
@@ -24,16 +25,6 @@ class CheckRequest(OpenAIBaseModel):
         return self
 
 
-class Stage(ResponseModel):
-    """One guard stage: whether it ran (else why not), what it concluded and how long it took."""
-
-    name: Literal["prompt", "certify", "output"]
-    ran: bool
-    skipped: str | None = None  # why it did not run
-    result: str | None = None  # prompt: its action; certify: "flagged" | "passed"; output: send | regenerate | block
-    ms: float = 0.0
-
-
 class CheckResponse(ResponseModel):
     flagged: bool  # any concept flagged at any stage, or erase-and-check flagged the prompt
     action: GuardAction  # what the request (with this output) would meet: the most severe stage outcome
@@ -41,4 +32,4 @@ class CheckResponse(ResponseModel):
     policy: str  # name@fingerprint
     concepts: list[ConceptReport]
     certificate: dict[str, Any] | None
-    stages: list[Stage]
+    stages: list[Stage]  # the request's trace: the same records the decision log writes

@@ -17,12 +17,13 @@ from guard.decision import OutputAction
 from guard.text.generation import TextRequest
 from serving.chat_completion.protocol import plain_messages, unsupported_message
 from serving.chat_completion.serving import ChatServing
+from serving.decisions import RequestTrace
 from serving.errors import policy_violation, unsupported_parameter
-from serving.guard_checks.protocol import CheckRequest, CheckResponse, Stage
+from serving.guard_checks.protocol import CheckRequest, CheckResponse
 from serving.guard_state import ActiveGuard
 from serving.protocol import ConceptReport, GuardAction
 from serving.reports import certificate_body, output_reports, prompt_reports, strongest
-from serving.serving_base import GuardedServing, certify_refusal
+from serving.serving_base import Call, GuardedServing, certify_refusal
 
 T = TypeVar("T")
 
@@ -36,6 +37,7 @@ async def timed(call: Callable[[], Awaitable[T]]) -> tuple[T, float]:
 
 class CheckServing(GuardedServing[CheckRequest]):
     endpoint = "checks"
+    stages = ("prompt", "certify", "output")
 
     def _prompt(self, request: CheckRequest, active: ActiveGuard) -> tuple[str, list[str], list[str], list[str]]:
         """The parameter name, the texts the prompt check reads, and what erase-and-check certifies (with labels)."""
@@ -47,8 +49,8 @@ class CheckServing(GuardedServing[CheckRequest]):
         certified, labels = ChatServing.certified_text(active.guard.policy, chat)
         return "messages", chat.guard_texts, certified, labels
 
-    async def create(self, request: CheckRequest) -> JSONResponse:
-        active = self.context.guard_state.active
+    async def create(self, request: CheckRequest, call: Call) -> JSONResponse:
+        active, trace = call.active, call.trace
         guard = active.guard
         policy = guard.policy
         param, texts, certified, labels = self._prompt(request, active)
@@ -59,19 +61,18 @@ class CheckServing(GuardedServing[CheckRequest]):
         verdict, prompt_ms = await timed(lambda: self.run_check(policy, lambda: guard.classify(texts)))
         concepts: list[ConceptReport] = prompt_reports(policy, verdict.classification)
         prompt_action = strongest(c.action for c in concepts)
-        stages = [Stage(name="prompt", ran=True, result=prompt_action, ms=prompt_ms)]
+        trace.ran("prompt", prompt_action, prompt_ms)
         actions: list[GuardAction] = [prompt_action]
         refusals = [policy_violation(verdict.refused, guard.refusal_message(verdict.refused)).message
                     ] if verdict.refused else []
 
-        certify, certificate, certify_concepts, certify_message = await self._certify(active, certified, labels)
-        stages.append(certify)
+        certificate, certify_concepts, certify_message = await self._certify(active, certified, labels, trace)
         concepts += certify_concepts
-        if certify.result == "flagged":
+        if certify_message is not None:
             actions.append("refuse")
 
         if request.output is None:
-            stages.append(Stage(name="output", ran=False, skipped="no output given"))
+            trace.skipped("output", "no output given")
         else:
             output = request.output
             decision, output_ms = await timed(lambda: self.run_check(
@@ -81,7 +82,7 @@ class CheckServing(GuardedServing[CheckRequest]):
             actions.append(strongest(c.action for c in rows))
             if decision.action == OutputAction.block:
                 refusals.append(decision.message)
-            stages.append(Stage(name="output", ran=True, result=decision.action.value, ms=output_ms))
+            trace.ran("output", decision.action.value, output_ms)
 
         action = strongest(actions)
         flagged = any(c.flagged for c in concepts) or bool(certificate and certificate["flagged"])
@@ -89,15 +90,20 @@ class CheckServing(GuardedServing[CheckRequest]):
         refusals = ([certify_message] if certify_message else []) + refusals
         message = refusals[0] if action == "refuse" and refusals else None
         self.count("flagged" if flagged else "ok")
+        trace.action = action
+        trace.flag(c.id for c in concepts if c.flagged)
+        trace.certificates += [certificate] if certificate is not None else []
         body = CheckResponse(flagged=flagged, action=action, message=message, policy=policy.version_tag,
-                             concepts=concepts, certificate=certificate, stages=stages)
+                             concepts=concepts, certificate=certificate, stages=trace.stages)
         return self.response(body, policy, [c.id for c in concepts if c.flagged], {})
 
-    async def _certify(self, active: ActiveGuard, texts: list[str], labels: list[str]
-                       ) -> tuple[Stage, dict[str, Any] | None, list[ConceptReport], str | None]:
-        """The certify stage: its record, the certificate, the concepts behind a flag and the refusal it gives."""
+    async def _certify(self, active: ActiveGuard, texts: list[str], labels: list[str], trace: RequestTrace
+                       ) -> tuple[dict[str, Any] | None, list[ConceptReport], str | None]:
+        """The certify stage (recorded in ``trace``): the certificate, the concepts behind a flag and the refusal
+        it gives."""
         if active.certifier is None:
-            return Stage(name="certify", ran=False, skipped="policy has no certify block"), None, [], None
+            trace.skipped("certify", "policy has no certify block")
+            return None, [], None
         guard = active.guard
         start = time.perf_counter()
         certificate: dict[str, Any] | None = None
@@ -108,7 +114,7 @@ class CheckServing(GuardedServing[CheckRequest]):
                 named = cert.trigger_erased_tokens == 0 and bool(trigger.refused)
                 message = guard.refusal_message(trigger.refused) if named else certify_refusal(cert)
                 concepts = [c for c in prompt_reports(guard.policy, trigger.classification, "certify") if c.flagged]
-                stage = Stage(name="certify", ran=True, result="flagged", ms=(time.perf_counter() - start) * 1000)
-                return stage, certificate, concepts, policy_violation(trigger.refused, message).message
-        stage = Stage(name="certify", ran=True, result="passed", ms=(time.perf_counter() - start) * 1000)
-        return stage, certificate, [], None
+                trace.ran("certify", "flagged", (time.perf_counter() - start) * 1000)
+                return certificate, concepts, policy_violation(trigger.refused, message).message
+        trace.ran("certify", "passed", (time.perf_counter() - start) * 1000)
+        return certificate, [], None
