@@ -21,6 +21,7 @@ import openai
 import pytest
 import torch
 from conftest import API_KEY, POLICIES, TOWER_PROMPT, RunningServer, start_server
+from readme_examples import python_examples, run_example
 from tiny_pipeline import tiny_sd_pipeline
 from typer.testing import CliRunner
 
@@ -223,3 +224,9 @@ def test_serve_reports_a_decision_log_it_cannot_open(tmp_path: Path) -> None:
                                       "--decision-log", str(tmp_path / "missing" / "log.jsonl")])
     assert result.exit_code == 2 and "cannot open the decision log" in result.output
     assert "Traceback" not in result.output
+
+
+def test_readme_example_runs(direct: LoggedServer) -> None:
+    (snippet,) = python_examples("### Decision log")
+    printed, expected = run_example(snippet, direct.running.base_url, {"decisions.jsonl": str(direct.log)})
+    assert printed == expected

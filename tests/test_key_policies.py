@@ -13,7 +13,8 @@ from typing import Callable, Iterator
 import httpx
 import openai
 import pytest
-from conftest import RunningServer, start_server
+from conftest import ROOT, RunningServer, start_server
+from readme_examples import python_examples, run_example
 from test_upstream import _free_port
 from typer.testing import CliRunner
 
@@ -135,3 +136,17 @@ def test_a_bad_policy_map_is_one_line_naming_file_and_line(tmp_path: Path, map_t
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert "sk-kids" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_readme_example_runs() -> None:
+    """The shipped map (policies/keys.yaml: key ids of sk-local and sk-kids) with the README's serve options."""
+    policies = ROOT / "policies"
+    running = start_server(ServerSettings(policy_path=policies / "default.yaml", policy_map=policies / "keys.yaml",
+                                          engine="upstream", model="m", upstream_url=f"http://127.0.0.1:{_free_port()}/v1",
+                                          api_keys=("sk-local", "sk-kids"), reload_policy=False))
+    try:
+        (snippet,) = python_examples("### Per-key policies")
+        printed, expected = run_example(snippet, running.base_url)
+        assert printed == expected
+    finally:
+        running.stop()
