@@ -271,9 +271,9 @@ def test_routes_use_the_handlers_built_at_start_up(embedded_server: RunningServe
     handler = embedded_server.app.state.chat_serving
     create, served = handler.create, []
 
-    async def counted(request: object) -> object:
+    async def counted(request: object, call: object) -> object:
         served.append(request)
-        return await create(request)
+        return await create(request, call)
 
     monkeypatch.setattr(handler, "create", counted)
     for _ in range(2):
