@@ -16,8 +16,9 @@ import openai
 import pytest
 from conftest import API_KEY, RunningServer, start_server
 from readme_examples import python_examples, run_example
-from test_key_policies import OPEN, wait_for
+from test_key_policies import OPEN
 from test_upstream import _free_port
+from test_upstream import _wait_for as wait_for
 
 from serving.config import ServerSettings
 

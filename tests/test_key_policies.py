@@ -6,9 +6,8 @@ guard lets through fails with 502 — so a 400 proves the guard refused it befor
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import httpx
 import openai
@@ -16,6 +15,7 @@ import pytest
 from conftest import ROOT, RunningServer, start_server
 from readme_examples import python_examples, run_example
 from test_upstream import _free_port
+from test_upstream import _wait_for as wait_for
 from typer.testing import CliRunner
 
 from guard.policy import load_policy
@@ -38,13 +38,6 @@ concepts:
 """
 KIDS = OPEN.replace("name: open", "name: kids").replace("action: {type: steer}", "action: {type: refuse}")
 WIZARD = "Tell me about Harry Potter."
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
