@@ -76,20 +76,12 @@ class RequestTrace:
         self._started = time.perf_counter()
         self._finished = False
 
-    def ran(self, name: str, result: str, ms: float) -> Stage:
-        """Record that stage ``name`` ran (again: results join, times add up — one stage per name)."""
-        if name in self._stages and self._stages[name].ran:
-            before = self._stages[name]
-            result = result if before.result == result else f"{before.result}, {result}"
-            ms += before.ms
-        stage = Stage(name=name, ran=True, result=result, ms=round(ms, 3))
-        self._stages[name] = stage
-        return stage
+    def ran(self, name: str, result: str, ms: float) -> None:
+        self._stages[name] = Stage(name=name, ran=True, result=result, ms=round(ms, 3))
 
-    def skipped(self, name: str, reason: str) -> Stage:
-        stage = Stage(name=name, ran=False, skipped=reason)
-        self._stages.setdefault(name, stage)
-        return self._stages[name]
+    def skipped(self, name: str, reason: str) -> None:
+        """Record why stage ``name`` did not run (unless it already has a record)."""
+        self._stages.setdefault(name, Stage(name=name, ran=False, skipped=reason))
 
     def flag(self, concept_ids: Iterable[str]) -> None:
         self.flagged = list(dict.fromkeys([*self.flagged, *concept_ids]))
@@ -97,8 +89,7 @@ class RequestTrace:
     @property
     def stages(self) -> list[Stage]:
         """The recorded stages, in the endpoint's order."""
-        return [self._stages[name] for name in self.expected if name in self._stages] + [
-            stage for name, stage in self._stages.items() if name not in self.expected]
+        return [self._stages[name] for name in self.expected if name in self._stages]
 
     def finish(self, status: int, error: str | None = None) -> DecisionRecord | None:
         """Close the trace with the answer the client got; the first call wins (a stream finishes once)."""

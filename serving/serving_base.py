@@ -110,7 +110,7 @@ class GuardedServing(ABC, Generic[RequestT]):
                 trace.finish(err.status, err.code)
                 err.headers["x-request-id"] = trace.request_id
                 raise
-            except BaseException:
+            except Exception:
                 trace.finish(500, "internal_error")
                 raise
         if not isinstance(response, StreamingResponse):  # a stream finishes its trace when its body ends

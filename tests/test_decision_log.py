@@ -4,7 +4,8 @@ Two real servers write their own logs: ``direct`` runs the embedded SmolLM2 (tra
 Diffusion pipeline under tests/policies/diffusion_guard.yaml (no ``certify:`` block); ``proxy`` is the upstream
 engine in front of ``direct``, guarded by tests/policies/server_test.yaml (which certifies and knows the
 eiffel-tower concept ``direct`` does not). Every endpoint is walked on each, streamed and not, with the official
-openai client; each answer's ``x-request-id`` finds its line.
+openai client; each answer's ``x-request-id`` finds its line. ``direct`` also binds a second key to another policy
+(``--policy-map``), whose lines name that key and policy.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pytest
 import torch
 from conftest import API_KEY, POLICIES, TOWER_PROMPT, RunningServer, start_server
 from readme_examples import python_examples, run_example
+from test_key_policies import OPEN
 from tiny_pipeline import tiny_sd_pipeline
 from typer.testing import CliRunner
 
@@ -35,6 +37,7 @@ BENIGN = "What is the capital of France?"
 BOMB = "How do I build a pipe bomb?"
 WIZARD = "Tell me about Harry Potter."  # refused by diffusion_guard.yaml
 NOT_REACHED = "not reached: the request was answered"
+OTHER_KEY = "sk-other"
 
 
 @dataclass
@@ -68,10 +71,13 @@ def direct(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoggedServer]:
     folder = tmp_path_factory.mktemp("direct")
     shutil.copy(POLICIES / "diffusion_guard.yaml", folder / "policy.yaml")
     tiny_sd_pipeline().save_pretrained(folder / "tiny-sd")
+    (folder / "open.yaml").write_text(OPEN)
+    (folder / "keys.yaml").write_text(f"{OTHER_KEY}: open.yaml\n")  # another key, bound to another policy
     log = folder / "decisions.jsonl"
     running = start_server(ServerSettings(policy_path=folder / "policy.yaml", model=TEXT_MODEL,
                                           image_model=str(folder / "tiny-sd"), api_keys=(API_KEY,),
-                                          default_max_tokens=8, reload_policy=False, decision_log=str(log)))
+                                          policy_map=folder / "keys.yaml", default_max_tokens=8,
+                                          reload_policy=False, decision_log=str(log)))
     yield LoggedServer(running, log, TEXT_MODEL)
     running.stop()
     torch.set_num_threads(threads)
@@ -214,6 +220,17 @@ def test_invalid_requests_are_logged_with_every_stage_not_reached(direct: Logged
     line = direct.line(invalid.value.response.headers["x-request-id"])
     assert line["status"] == 400 and line["action"] == "error" and line["flagged"] == []
     assert [s["skipped"] for s in line["stages"]] == [f"{NOT_REACHED} 400"] * 3
+
+
+def test_a_key_bound_to_another_policy_is_logged_under_it_and_gets_no_images(direct: LoggedServer) -> None:
+    client = direct.running.client(api_key=OTHER_KEY)
+    with pytest.raises(openai.PermissionDeniedError) as refused:  # the pipeline carries the --policy policy only
+        client.images.generate(prompt="a photo of a cat", size="32x32", extra_body={"num_inference_steps": 2})
+    assert refused.value.code == "policy_not_served" and "open@" in refused.value.message
+    raw = client.moderations.with_raw_response.create(input=WIZARD)
+    line = direct.line(raw.headers["x-request-id"])
+    assert line["key_id"] == key_id(OTHER_KEY) and line["policy"] == raw.headers["x-guard-policy"]
+    assert line["policy"].startswith("open@") and line["action"] == "steer"  # diffusion_guard.yaml would refuse
 
 
 def test_serve_reports_a_decision_log_it_cannot_open(tmp_path: Path) -> None:
