@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import tempfile
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
@@ -514,6 +515,21 @@ def load_policy(path: str | Path, apply_calibration: bool = True) -> Policy:
         if apply_calibration:
             _apply_calibration(policy, policy._calibration_path, declared_in, raw_concepts)
     return policy
+
+
+def load_inline_policy(text: str) -> Policy:
+    """A policy sent as YAML text rather than read from a file (``/v1/guard/checks``' ``policy``).
+
+    It has no folder, so ``extends`` and ``calibration`` are refused; errors carry the line within ``text``.
+    """
+    with tempfile.TemporaryDirectory(prefix="inline-policy-") as folder:
+        path = Path(folder) / "policy.yaml"
+        path.write_text(text, encoding="utf-8")
+        source = _Source(path)
+        for key in ("extends", "calibration"):
+            if key in source.data:
+                raise source.error((key,), "an inline policy has no folder to read other files from")
+        return load_policy(path)
 
 
 def _parse_calibration(path: Path) -> tuple[Calibration, _Source]:

@@ -30,6 +30,8 @@ from serving.guard_checks.serving import CheckServing
 from serving.guard_state import GuardState, cancel
 from serving.images.api_router import router as images_router
 from serving.images.serving import ImageServing
+from serving.litellm_guardrail.api_router import router as litellm_router
+from serving.litellm_guardrail.serving import LiteLLMGuardrailServing
 from serving.metrics import ServerMetrics
 from serving.moderations.api_router import router as moderations_router
 from serving.moderations.serving import ModerationServing
@@ -89,14 +91,15 @@ def build_app(settings: ServerSettings, policy: Policy) -> FastAPI:
     app.state.image_serving = ImageServing(context)
     app.state.moderation_serving = ModerationServing(context)
     app.state.check_serving = CheckServing(context)
+    app.state.litellm_guardrail_serving = LiteLLMGuardrailServing(context, app.state.check_serving)
     install_handlers(app)
     # Starlette runs the last-added middleware first: keys are checked before the body size is.
     app.add_middleware(BodySizeLimitMiddleware, limit=settings.max_request_bytes)
-    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, admin_keys=settings.admin_api_keys)
 
     # OpenAI endpoints (/v1/images/generations answers 404 model_not_found unless started with --image-model),
-    # then the guard's own check-only endpoint.
-    for router in (chat_router, completion_router, images_router, moderations_router, checks_router):
+    # then the guard's own check-only endpoint and LiteLLM's generic guardrail API over it.
+    for router in (chat_router, completion_router, images_router, moderations_router, checks_router, litellm_router):
         app.include_router(router, responses=ERROR_RESPONSES)  # every error status is documented in /openapi.json
     served = [engine.model_id] + ([settings.image_model] if settings.image_model is not None else [])
 

@@ -1,7 +1,9 @@
-"""Bearer API keys (``--api-key``) and the request size limit, both enforced before a body is read.
+"""API keys (``--api-key``, ``--admin-api-key``) and the request size limit, both enforced before a body is read.
 
-The OpenAI SDK sends ``Authorization: Bearer <key>`` on every call. Checking keys and sizes in ASGI
-middleware (not in route dependencies) means an unauthenticated or oversized request costs no JSON parsing.
+The OpenAI SDK sends ``Authorization: Bearer <key>`` on every call; LiteLLM's generic guardrail client sends
+``x-api-key: <key>``, so both are accepted. Checking keys and sizes in ASGI middleware (not in route
+dependencies) means an unauthenticated or oversized request costs no JSON parsing. An admin key is also a
+valid key; the middleware marks its requests (``request.state.admin``) for the few routes that need one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.errors import OpenAIError, invalid_api_key, request_too_large
 
-PROTECTED_PREFIX = "/v1/"
+PROTECTED_PREFIXES = ("/v1/", "/beta/")  # the OpenAI routes and LiteLLM's guardrail route
 
 
 def key_matches(token: str, keys: tuple[str, ...]) -> bool:
@@ -29,19 +31,31 @@ async def _send_error(error: OpenAIError, scope: Scope, receive: Receive, send: 
     await error.response()(scope, receive, send)
 
 
-class ApiKeyMiddleware:
-    """Requires one of ``keys`` on every /v1 route; /health and /metrics stay open for probes and scrapers."""
+def presented_key(headers: Headers) -> str | None:
+    """The key a client sent: ``Authorization: Bearer <key>``, else ``x-api-key: <key>``."""
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return headers.get("x-api-key")
 
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...]):
+
+class ApiKeyMiddleware:
+    """Requires one of ``keys`` or ``admin_keys`` on every /v1 and /beta route; /health and /metrics stay open for
+    probes and scrapers. Marks each request with whether an admin key sent it."""
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...], admin_keys: tuple[str, ...] = ()):
         self.app = app
         self.keys = keys
+        self.admin_keys = admin_keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.keys and scope["path"].startswith(PROTECTED_PREFIX):
-            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not key_matches(token.strip(), self.keys):
+        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIXES):
+            token = presented_key(Headers(scope=scope))
+            admin = token is not None and key_matches(token, self.admin_keys)
+            if (self.keys or self.admin_keys) and not admin and (token is None or not key_matches(token, self.keys)):
                 await _send_error(invalid_api_key(), scope, receive, send)
                 return
+            scope.setdefault("state", {})["admin"] = admin
         await self.app(scope, receive, send)
 
 

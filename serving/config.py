@@ -23,7 +23,8 @@ class ServerSettings:
     upstream_api_key: str | None = None
     upstream_tokenizer: str | None = None  # model reference whose tokenizer the upstream uses (for logit_bias)
     upstream_timeout_s: float = 600.0
-    api_keys: tuple[str, ...] = ()  # empty: no authentication
+    api_keys: tuple[str, ...] = ()  # empty (and no admin keys): no authentication
+    admin_api_keys: tuple[str, ...] = ()  # keys that may also send an inline policy to /v1/guard/checks
     max_request_bytes: int = 1_000_000
     max_checked_chars: int = 32_000  # longer input (all messages, or one prompt) gets 400, never a partial check
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for

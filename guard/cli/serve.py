@@ -40,6 +40,9 @@ def serve(
     api_key: Annotated[list[str] | None, typer.Option("--api-key", envvar="GUARD_API_KEY",
                                                       help="Accepted Bearer key (repeat for several); "
                                                            "none: no authentication.")] = None,
+    admin_api_key: Annotated[list[str] | None, typer.Option(
+        "--admin-api-key", envvar="GUARD_ADMIN_API_KEY",
+        help="Key that may also send an inline policy to /v1/guard/checks (repeatable).")] = None,
     max_request_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 1_000_000,
     max_checked_chars: Annotated[int, typer.Option(help="Requests whose input (all messages, or one prompt) is "
                                                         "longer get 400: the guard never checks part of a request."
@@ -77,7 +80,8 @@ def serve(
             policy_path=policy_file, model=model, engine=chosen, served_model_name=served_model_name,
             upstream_url=upstream, upstream_api_key=upstream_api_key, upstream_tokenizer=upstream_tokenizer,
             upstream_timeout_s=upstream_timeout,
-            api_keys=tuple(api_key or ()), max_request_bytes=max_request_bytes, max_checked_chars=max_checked_chars,
+            api_keys=tuple(api_key or ()), admin_api_keys=tuple(admin_api_key or ()),
+            max_request_bytes=max_request_bytes, max_checked_chars=max_checked_chars,
             max_tokens_limit=max_tokens_limit,
             default_max_tokens=default_max_tokens, batch_wait_ms=batch_wait_ms, max_batch_size=max_batch_size,
             reload_policy=reload, vllm_options=vllm_options, image_model=image_model,

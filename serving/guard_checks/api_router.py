@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from serving.errors import admin_key_required
 from serving.guard_checks.protocol import CheckRequest, CheckResponse
 from serving.guard_checks.serving import CheckServing
 
@@ -20,5 +21,8 @@ async def check_serving(request: Request) -> CheckServing:
 
 @router.post("/v1/guard/checks", response_model=None,
              responses={200: {"model": CheckResponse, "description": "What the guard would do, stage by stage."}})
-async def create_check(body: CheckRequest, handler: Annotated[CheckServing, Depends(check_serving)]) -> JSONResponse:
+async def create_check(body: CheckRequest, request: Request,
+                       handler: Annotated[CheckServing, Depends(check_serving)]) -> JSONResponse:
+    if body.policy is not None and not getattr(request.state, "admin", False):
+        raise admin_key_required("policy")  # judging by another policy is for the policy's authors only
     return await handler(body)
