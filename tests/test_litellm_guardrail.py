@@ -99,3 +99,15 @@ def test_a_leaking_answer_is_blocked_after_the_call(proxy_guardrail: object, emb
     clean = proxy_call(proxy_guardrail, embedded_server, "What is the tallest tower in Paris?",
                        mock_response="It is a tall iron lattice tower.")
     assert clean.choices[0].message.content == "It is a tall iron lattice tower."
+
+
+def test_readme_curl_runs(embedded_server: RunningServer) -> None:
+    import json
+    import subprocess
+
+    (curl,) = [b for b in re.findall(r"```bash\n(.+?)\n```", readme_section(), re.S) if b.startswith("curl")]
+    out = subprocess.run(["bash", "-c", curl.replace("http://localhost:8000", embedded_server.base_url)],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    answer = json.loads(out)
+    assert answer["action"] == "BLOCKED" and answer["blocked_reason"].endswith("(weapons).")
+    assert answer["guard"]["stages"][0] == {**answer["guard"]["stages"][0], "name": "prompt", "result": "refuse"}
