@@ -232,6 +232,9 @@ class PolicyTests(_Strict):
                                                                      "concept flagged by the prompt check).")
     must_allow: list[str] = Field(default_factory=list, description="Requests that must not be refused (steered or "
                                                                     "logged concepts are allowed).")
+    must_not_leak: list[str] = Field(default_factory=list, description=(
+        "Prompts whose guarded answer (greedy, by the served model; `guard policy check --model`) must name no "
+        "concept: no alias however disguised, no near miss, whatever the concept's action."))
 
 
 class Policy(_Strict):
@@ -503,7 +506,8 @@ def load_policy(path: str | Path, apply_calibration: bool = True) -> Policy:
         raise _validation_error(source, err) from None
     policy.concepts = concepts
     policy._test_lines = {(kind, i): (source.path, source.line_of(("tests", kind, i)))
-                          for kind in ("must_refuse", "must_allow") for i in range(len(getattr(policy.tests, kind)))}
+                          for kind in ("must_refuse", "must_allow", "must_not_leak")
+                          for i in range(len(getattr(policy.tests, kind)))}
     if not policy.concepts:
         raise PolicyError(path, "the policy defines no concepts", line=1, field="concepts")
     policy._explicit_thresholds = frozenset(
