@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from guard.policy import Policy
+from guard.policy import Policy, load_policy
 from serving.auth import ApiKeyMiddleware, BodySizeLimitMiddleware
 from serving.chat_completion.api_router import router as chat_router
 from serving.chat_completion.serving import ChatServing
@@ -54,6 +55,13 @@ def create_engine(settings: ServerSettings, metrics: ServerMetrics) -> Engine:
     from serving.engines.transformers import TransformersEngine
 
     return TransformersEngine(settings, metrics)
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one worker of ``guard serve --workers N`` (uvicorn's factory, called in each worker process):
+    the settings come from :meth:`ServerSettings.from_environment`, the policy from its file."""
+    settings = ServerSettings.from_environment()
+    return build_app(settings, load_policy(settings.policy_path))
 
 
 def build_app(settings: ServerSettings, policy: Policy) -> FastAPI:
@@ -116,7 +124,7 @@ def build_app(settings: ServerSettings, policy: Policy) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         guard = context.guard_state.guard
-        return JSONResponse({"status": "ok", "model": engine.model_id, "engine": engine.description,
+        return JSONResponse({"status": "ok", "pid": os.getpid(), "model": engine.model_id, "engine": engine.description,
                              "image_model": settings.image_model, "policy": guard.policy.version_tag,
                              "concepts": len(guard.policy.concepts)})
 

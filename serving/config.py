@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -65,3 +68,19 @@ class ServerSettings:
     @property
     def model_id(self) -> str:
         return self.served_model_name or self.model
+
+    def to_environment(self) -> None:
+        """Hand these settings to worker processes (``guard serve --workers``), which read them back with
+        :meth:`from_environment`: each worker builds its own engine and guard from the same settings."""
+        os.environ[SETTINGS_ENV] = json.dumps({**dataclasses.asdict(self), "policy_path": str(self.policy_path)})
+
+    @classmethod
+    def from_environment(cls) -> "ServerSettings":
+        data = json.loads(os.environ[SETTINGS_ENV])
+        data["policy_path"] = Path(data["policy_path"])
+        for name in ("api_keys", "admin_api_keys"):
+            data[name] = tuple(data[name])
+        return cls(**data)
+
+
+SETTINGS_ENV = "ERASURE_GUARD_SERVER_SETTINGS"  # the settings of `guard serve --workers N`, as JSON

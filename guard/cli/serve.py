@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 import yaml
@@ -16,6 +16,9 @@ import yaml
 from guard.cli.output import console, fail
 from guard.errors import CertifyError, DetectorError, GuardUnavailable, ModelError, PolicyError
 from guard.policy import load_policy
+
+if TYPE_CHECKING:
+    from serving.config import ServerSettings
 
 
 def serve(
@@ -58,6 +61,9 @@ def serve(
     image_nsfw_threshold: Annotated[float | None, typer.Option(
         help="Check generated images with Open-NSFW; scores at or above this are regenerated or refused.")] = None,
     reload: Annotated[bool, typer.Option(help="Reload the policy when its file changes.")] = True,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes behind the one port, each with its own engine "
+                                                     "and guard (same settings and policy file, each reloading it).")
+                       ] = 1,
     log_level: Annotated[Literal["debug", "info", "warning", "error"], typer.Option()] = "info",
 ) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models (and /v1/images/generations with --image-model)
@@ -87,6 +93,9 @@ def serve(
             reload_policy=reload, vllm_options=vllm_options, image_model=image_model,
             image_nsfw_threshold=image_nsfw_threshold)
         policy = load_policy(policy_file)  # a bad policy fails before any model is loaded
+        if workers > 1:  # each worker loads its own engine and guard: none is loaded here
+            _serve_workers(settings, host, port, log_level, workers)
+            return
         loading = f"the {chosen} engine ({model})" + (f", the image model ({image_model})" if image_model else "")
         with console.status(f"loading {loading} and the guard"):
             server_app = build_app(settings, policy)
@@ -104,3 +113,14 @@ def serve(
         raise fail(f"the server did not start: {server_app.state.startup_error}")
     if not server.started:
         raise fail(f"the server did not start (is {host}:{port} free?)")
+
+
+def _serve_workers(settings: "ServerSettings", host: str, port: int, log_level: str, workers: int) -> None:
+    """``workers`` processes on one port (uvicorn's supervisor; the kernel spreads connections between them). The
+    guard is stateless per request, so any worker may answer any request; each loads its own engine and guard and
+    watches the policy file itself, so an edit reaches every worker within its reload debounce."""
+    import uvicorn
+
+    settings.to_environment()
+    uvicorn.run("serving.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
+                log_level=log_level)
