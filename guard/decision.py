@@ -166,6 +166,17 @@ class Guard:
             return OutputDecision(OutputAction.block, verdict, message=fallback, fallback=True, leaked=leaked)
         return OutputDecision(OutputAction.block, verdict, message=self.refusal_message(leaked), leaked=leaked)
 
+    def named_concepts(self, text: str) -> list[str]:
+        """Every concept ``text`` names — an alias however disguised, or a near miss of a steered concept's alias —
+        whatever the concept's action: the output check's evidence of a leak, for ``tests.must_not_leak``."""
+        verdict = self.classify([text])
+        try:
+            near = self.near_misses.detect([text])
+        except Exception as err:  # noqa: BLE001 - as in check_output: a matcher failure must fail closed
+            raise GuardUnavailable(f"near-miss check failed: {err}") from err
+        named = [s.concept_id for s in verdict.classification.flagged if s.detector == "alias"]
+        return list(dict.fromkeys(named + [s.concept_id for s in near.flagged]))
+
     def token_penalties(self, tokenizer: "PreTrainedTokenizerBase") -> "TokenPenalties":
         """Per-tokenizer penalty tables, compiled once (tries and vocabulary masks are costly to build)."""
         from guard.methods.token_penalty.tables import TokenPenalties
@@ -205,6 +216,19 @@ def run_policy_tests(guard: Guard) -> list[PolicyTestFailure]:
                 continue
             failures.append(PolicyTestFailure(f"tests.{kind}[{index}]", text, problem,
                                               *guard.policy.test_location(kind, index)))
+    return failures
+
+
+def leak_test_failures(guard: Guard, answers: Sequence[str]) -> list[PolicyTestFailure]:
+    """The ``tests.must_not_leak`` cases whose guarded answer (``answers[i]`` for case i, made by the caller's
+    engine; "" where the prompt was refused or the answer withheld) names a concept."""
+    failures = []
+    for index, (prompt, answer) in enumerate(zip(guard.policy.tests.must_not_leak, answers, strict=True)):
+        named = guard.named_concepts(answer)
+        if named:
+            failures.append(PolicyTestFailure(f"tests.must_not_leak[{index}]", prompt,
+                                              f"was answered naming {', '.join(named)}: {answer[:120]!r}",
+                                              *guard.policy.test_location("must_not_leak", index)))
     return failures
 
 

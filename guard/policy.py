@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -232,6 +233,9 @@ class PolicyTests(_Strict):
                                                                      "concept flagged by the prompt check).")
     must_allow: list[str] = Field(default_factory=list, description="Requests that must not be refused (steered or "
                                                                     "logged concepts are allowed).")
+    must_not_leak: list[str] = Field(default_factory=list, description=(
+        "Prompts whose guarded answer (greedy, by the served model; `guard policy check --model`) must name no "
+        "concept: no alias however disguised, no near miss, whatever the concept's action."))
 
 
 class Policy(_Strict):
@@ -503,7 +507,8 @@ def load_policy(path: str | Path, apply_calibration: bool = True) -> Policy:
         raise _validation_error(source, err) from None
     policy.concepts = concepts
     policy._test_lines = {(kind, i): (source.path, source.line_of(("tests", kind, i)))
-                          for kind in ("must_refuse", "must_allow") for i in range(len(getattr(policy.tests, kind)))}
+                          for kind in ("must_refuse", "must_allow", "must_not_leak")
+                          for i in range(len(getattr(policy.tests, kind)))}
     if not policy.concepts:
         raise PolicyError(path, "the policy defines no concepts", line=1, field="concepts")
     policy._explicit_thresholds = frozenset(
@@ -545,6 +550,21 @@ def load_policy_map(path: str | Path) -> list[PolicyBinding]:
             raise PolicyError(path, f"policy file not found: {target}", line=line)
         bindings.append(PolicyBinding(key.strip(), policy_path, line))
     return bindings
+
+
+def load_inline_policy(text: str) -> Policy:
+    """A policy sent as YAML text rather than read from a file (``/v1/guard/checks``' ``policy``).
+
+    It has no folder, so ``extends`` and ``calibration`` are refused; errors carry the line within ``text``.
+    """
+    with tempfile.TemporaryDirectory(prefix="inline-policy-") as folder:
+        path = Path(folder) / "policy.yaml"
+        path.write_text(text, encoding="utf-8")
+        source = _Source(path)
+        for key in ("extends", "calibration"):
+            if key in source.data:
+                raise source.error((key,), "an inline policy has no folder to read other files from")
+        return load_policy(path)
 
 
 def _parse_calibration(path: Path) -> tuple[Calibration, _Source]:

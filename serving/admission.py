@@ -17,7 +17,7 @@ import time
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serving.auth import PROTECTED_PREFIX
+from serving.auth import PROTECTED_PREFIXES
 from serving.errors import queue_full
 from serving.metrics import ServerMetrics
 
@@ -42,7 +42,7 @@ class AdmissionMiddleware:
         return min(MAX_RETRY_AFTER_S, max(1, math.ceil(self.held_s / self.limit)))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith(PROTECTED_PREFIX):
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith(PROTECTED_PREFIXES):
             await self.app(scope, receive, send)
             return
         if self.admitted >= self.limit:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -32,6 +33,8 @@ from serving.guard_checks.serving import CheckServing
 from serving.guard_state import GuardState, KeyPolicies, cancel
 from serving.images.api_router import router as images_router
 from serving.images.serving import ImageServing
+from serving.litellm_guardrail.api_router import router as litellm_router
+from serving.litellm_guardrail.serving import LiteLLMGuardrailServing
 from serving.metrics import ServerMetrics
 from serving.moderations.api_router import router as moderations_router
 from serving.moderations.serving import ModerationServing
@@ -54,6 +57,13 @@ def create_engine(settings: ServerSettings, metrics: ServerMetrics) -> Engine:
     from serving.engines.transformers import TransformersEngine
 
     return TransformersEngine(settings, metrics)
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one worker of ``guard serve --workers N`` (uvicorn's factory, called in each worker process):
+    the settings come from :meth:`ServerSettings.from_environment`, the policy from its file."""
+    settings = ServerSettings.from_environment()
+    return build_app(settings, load_policy(settings.policy_path))
 
 
 def build_app(settings: ServerSettings, policy: Policy) -> FastAPI:
@@ -106,16 +116,17 @@ def build_app(settings: ServerSettings, policy: Policy) -> FastAPI:
     app.state.image_serving = ImageServing(context)
     app.state.moderation_serving = ModerationServing(context)
     app.state.check_serving = CheckServing(context)
+    app.state.litellm_guardrail_serving = LiteLLMGuardrailServing(context, app.state.check_serving)
     install_handlers(app)
     # Starlette runs the last-added middleware first: keys are checked, then the request is admitted (or told to
     # retry), then its body size is checked.
     app.add_middleware(BodySizeLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(AdmissionMiddleware, limit=settings.max_queue, metrics=metrics)
-    app.add_middleware(ApiKeyMiddleware, keys=api_keys)
+    app.add_middleware(ApiKeyMiddleware, keys=api_keys, admin_keys=settings.admin_api_keys)
 
     # OpenAI endpoints (/v1/images/generations answers 404 model_not_found unless started with --image-model),
-    # then the guard's own check-only endpoint.
-    for router in (chat_router, completion_router, images_router, moderations_router, checks_router):
+    # then the guard's own check-only endpoint and LiteLLM's generic guardrail API over it.
+    for router in (chat_router, completion_router, images_router, moderations_router, checks_router, litellm_router):
         app.include_router(router, responses=ERROR_RESPONSES)  # every error status is documented in /openapi.json
     served = [engine.model_id] + ([settings.image_model] if settings.image_model is not None else [])
 
@@ -132,7 +143,7 @@ def build_app(settings: ServerSettings, policy: Policy) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         guard = context.guard_state.guard
-        return JSONResponse({"status": "ok", "model": engine.model_id, "engine": engine.description,
+        return JSONResponse({"status": "ok", "pid": os.getpid(), "model": engine.model_id, "engine": engine.description,
                              "image_model": settings.image_model, "policy": guard.policy.version_tag,
                              "concepts": len(guard.policy.concepts),
                              "key_policies": {kid: state.guard.policy.version_tag

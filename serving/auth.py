@@ -1,9 +1,12 @@
-"""Bearer API keys (``--api-key``), who is calling, and the request size limit, enforced before a body is read.
+"""API keys (``--api-key``, ``--admin-api-key``), who is calling, and the request size limit, enforced before a body
+is read.
 
-The OpenAI SDK sends ``Authorization: Bearer <key>`` on every call. Checking keys and sizes in ASGI
-middleware (not in route dependencies) means an unauthenticated or oversized request costs no JSON parsing.
-The middleware leaves the caller's key id (never the key) in the request state: it picks the key's policy
-(``--policy-map``) and names the caller in the decision log.
+The OpenAI SDK sends ``Authorization: Bearer <key>`` on every call; LiteLLM's generic guardrail client sends
+``x-api-key: <key>``, so both are accepted. Checking keys and sizes in ASGI middleware (not in route
+dependencies) means an unauthenticated or oversized request costs no JSON parsing. The middleware leaves the
+caller's key id (never the key) in the request state: it picks the key's policy (``--policy-map``) and names the
+caller in the decision log. An admin key is also a valid key; the middleware marks its requests
+(``request.state.admin``) for the few routes that need one.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from guard.policy import PolicyBinding
 from serving.decisions import new_request_id
 from serving.errors import OpenAIError, invalid_api_key, request_too_large
 
-PROTECTED_PREFIX = "/v1/"
+PROTECTED_PREFIXES = ("/v1/", "/beta/")  # the OpenAI routes and LiteLLM's guardrail route
 KEY_ID_PREFIX = "key-"
 KEY_ID = re.compile(r"key-[0-9a-f]{12}")
 
@@ -68,32 +71,47 @@ class Caller:
 
     request_id: str
     key_id: str | None
+    admin: bool = False  # sent with an --admin-api-key key
 
 
 async def caller(request: Request) -> Caller:
     """The route dependency naming the caller (the key id the middleware left in the request state)."""
-    return Caller(new_request_id(), getattr(request.state, "key_id", None))
+    return Caller(new_request_id(), getattr(request.state, "key_id", None), getattr(request.state, "admin", False))
 
 
 async def _send_error(error: OpenAIError, scope: Scope, receive: Receive, send: Send) -> None:
     await error.response()(scope, receive, send)
 
 
-class ApiKeyMiddleware:
-    """Requires one of ``keys`` on every /v1 route; /health and /metrics stay open for probes and scrapers."""
+def presented_key(headers: Headers) -> str | None:
+    """The key a client sent: ``Authorization: Bearer <key>``, else ``x-api-key: <key>``."""
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return headers.get("x-api-key")
 
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...]):
+
+class ApiKeyMiddleware:
+    """Requires one of ``keys`` or ``admin_keys`` on every /v1 and /beta route; /health and /metrics stay open for
+    probes and scrapers. Marks each request with whether an admin key sent it."""
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...], admin_keys: tuple[str, ...] = ()):
         self.app = app
         self.keys = keys
+        self.admin_keys = admin_keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.keys and scope["path"].startswith(PROTECTED_PREFIX):
-            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
-            key = matching_key(token.strip(), self.keys) if scheme.lower() == "bearer" else None
-            if key is None:
+        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIXES):
+            token = presented_key(Headers(scope=scope))
+            admin_key = matching_key(token, self.admin_keys) if token is not None else None
+            key = admin_key or (matching_key(token, self.keys) if token is not None else None)
+            if (self.keys or self.admin_keys) and key is None:
                 await _send_error(invalid_api_key(), scope, receive, send)
                 return
-            scope.setdefault("state", {})["key_id"] = key_id(key)
+            state = scope.setdefault("state", {})
+            state["admin"] = admin_key is not None
+            if key is not None:
+                state["key_id"] = key_id(key)
         await self.app(scope, receive, send)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,7 +26,8 @@ class ServerSettings:
     upstream_api_key: str | None = None
     upstream_tokenizer: str | None = None  # model reference whose tokenizer the upstream uses (for logit_bias)
     upstream_timeout_s: float = 600.0
-    api_keys: tuple[str, ...] = ()  # empty: no authentication
+    api_keys: tuple[str, ...] = ()  # empty (and no admin keys): no authentication
+    admin_api_keys: tuple[str, ...] = ()  # keys that may also send an inline policy to /v1/guard/checks
     max_request_bytes: int = 1_000_000
     max_checked_chars: int = 32_000  # longer input (all messages, or one prompt) gets 400, never a partial check
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
@@ -67,3 +71,21 @@ class ServerSettings:
     @property
     def model_id(self) -> str:
         return self.served_model_name or self.model
+
+    def to_environment(self) -> None:
+        """Hand these settings to worker processes (``guard serve --workers``), which read them back with
+        :meth:`from_environment`: each worker builds its own engine and guard from the same settings."""
+        os.environ[SETTINGS_ENV] = json.dumps({**dataclasses.asdict(self), "policy_path": str(self.policy_path),
+                                               "policy_map": None if self.policy_map is None else str(self.policy_map)})
+
+    @classmethod
+    def from_environment(cls) -> "ServerSettings":
+        data = json.loads(os.environ[SETTINGS_ENV])
+        data["policy_path"] = Path(data["policy_path"])
+        data["policy_map"] = None if data["policy_map"] is None else Path(data["policy_map"])
+        for name in ("api_keys", "admin_api_keys"):
+            data[name] = tuple(data[name])
+        return cls(**data)
+
+
+SETTINGS_ENV = "ERASURE_GUARD_SERVER_SETTINGS"  # the settings of `guard serve --workers N`, as JSON

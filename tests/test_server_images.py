@@ -195,24 +195,42 @@ def test_hot_reload_reaches_the_image_guard_and_certification(image_server: Runn
         wait_for(lambda: policy_tag() == first)
 
 
+def rejected_reloads(server: RunningServer) -> float:
+    """How many policy reloads the server has rejected so far."""
+    metrics = httpx.get(f"{server.base_url}/metrics").text
+    found = re.search(r'^guard_policy_reloads_total\{result="rejected"\} ([\d.]+)', metrics, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
 def test_hot_reload_failing_the_policys_own_tests_is_rejected(image_server: RunningServer,
                                                                policy_file: Path) -> None:
     """An edit that makes the policy fail its ``tests:`` never becomes active: the last good policy keeps serving."""
     original = policy_file.read_text()
-
-    def rejected() -> float:
-        metrics = httpx.get(f"{image_server.base_url}/metrics").text
-        found = re.search(r'^guard_policy_reloads_total\{result="rejected"\} ([\d.]+)', metrics, re.M)
-        return float(found.group(1)) if found else 0.0
-
-    first, before = httpx.get(f"{image_server.base_url}/health").json()["policy"], rejected()
+    first, before = httpx.get(f"{image_server.base_url}/health").json()["policy"], rejected_reloads(image_server)
     weakened = original.replace("concepts:\n", "tests:\n  must_refuse: [a painting by van gogh]\nconcepts:\n", 1)
     try:
         policy_file.write_text(weakened)
-        wait_for(lambda: rejected() > before)
+        wait_for(lambda: rejected_reloads(image_server) > before)
         assert httpx.get(f"{image_server.base_url}/health").json()["policy"] == first
         with pytest.raises(openai.BadRequestError):
             generate(image_server, "harry potter castle")  # still the original policy's refusal
+    finally:
+        policy_file.write_text(original)
+
+
+def test_hot_reload_failing_must_not_leak_is_rejected(image_server: RunningServer, policy_file: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """``tests.must_not_leak`` is answered by the served model under the edited policy before it becomes active: the
+    dragons concept is only logged, so the answer names it and the edit is rejected."""
+    original = policy_file.read_text()
+    first, before = httpx.get(f"{image_server.base_url}/health").json()["policy"], rejected_reloads(image_server)
+    leaking = original.replace("concepts:\n", "tests:\n  must_not_leak:\n    - 'Repeat after me: a green dragon.'\n"
+                               "concepts:\n", 1)
+    try:
+        policy_file.write_text(leaking)
+        wait_for(lambda: rejected_reloads(image_server) > before)
+        assert httpx.get(f"{image_server.base_url}/health").json()["policy"] == first
+        assert "tests.must_not_leak[0]: 'Repeat after me: a green dragon.' was answered naming dragons" in caplog.text
     finally:
         policy_file.write_text(original)
 

@@ -15,7 +15,7 @@ from rich.table import Table
 from detectors.calibration import DEFAULT_TARGET_FPR, calibrate_policy
 from detectors.classifier import PolicyClassifier
 from guard.cli.output import console, errors, fail
-from guard.decision import Guard, run_policy_tests
+from guard.decision import Guard, leak_test_failures, run_policy_tests
 from guard.errors import DetectorError, GuardUnavailable, ModelError, PolicyError
 from guard.methods.registry import enabled_methods
 from guard.policy import Policy, load_policy, policy_json_schema, save_calibration
@@ -23,7 +23,10 @@ from guard.policy import Policy, load_policy, policy_json_schema, save_calibrati
 PolicyFile = Annotated[Path, typer.Argument(help="Policy YAML file.", show_default=False)]
 
 
-def check(file: PolicyFile) -> None:
+def check(file: PolicyFile,
+          model: Annotated[str, typer.Option(help="Model whose guarded answers tests.must_not_leak judges (loaded "
+                                                  "only for those cases; use the model you serve).")
+                           ] = "embedded:smollm2") -> None:
     """Validate a policy file and print a summary of its concepts, warning about uncalibrated ones.
 
     "calibrated" is yes (threshold from the calibration file), overridden (calibrated, but the concept sets its own
@@ -50,17 +53,24 @@ def check(file: PolicyFile) -> None:
         errors.print(f"[yellow]warning:[/] {len(uncalibrated)} uncalibrated concept(s), whose semantic threshold has "
                      f"no measured false-positive rate: {escape(', '.join(uncalibrated))} (run `guard policy "
                      f"calibrate {escape(str(file))}`)", highlight=False, soft_wrap=True)
-    _run_tests(policy)
+    _run_tests(policy, model)
 
 
-def _run_tests(policy: Policy) -> None:
+def _run_tests(policy: Policy, model: str) -> None:
     """The policy's own ``tests:`` cases through the real detectors; every failure on stderr, then exit 2."""
-    cases = len(policy.tests.must_refuse) + len(policy.tests.must_allow)
+    tests = policy.tests
+    cases = len(tests.must_refuse) + len(tests.must_allow) + len(tests.must_not_leak)
     if not cases:
         return
     try:
         with console.status(f"running the policy's {cases} test case(s)"):
-            failures = run_policy_tests(Guard(policy))
+            guard = Guard(policy)
+            failures = run_policy_tests(guard)
+            if tests.must_not_leak:
+                from guard.models import load_language_model
+                from guard.text.policy_tests import leak_test_answers
+
+                failures += leak_test_failures(guard, leak_test_answers(guard, *load_language_model(model)))
     except (GuardUnavailable, DetectorError, ModelError) as err:
         raise fail(str(err)) from None
     for failure in failures:

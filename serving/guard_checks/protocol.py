@@ -12,16 +12,20 @@ from serving.protocol import ConceptReport, GuardAction, OpenAIBaseModel, Respon
 
 
 class CheckRequest(OpenAIBaseModel):
-    """A chat (``messages``) or a raw prompt (``input``), exactly one; ``output``: an answer to check as well."""
+    """A chat (``messages``) or a raw prompt (``input``), at most one; ``output``: an answer to check as well (or
+    alone); ``policy``: an inline policy (YAML text) to judge by instead of the server's, for admin keys only."""
 
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     input: str | None = None
     output: str | None = None
+    policy: str | None = None
 
     @model_validator(mode="after")
     def _one_prompt(self) -> "CheckRequest":
-        if (self.messages is None) == (self.input is None):
-            raise ValueError("give exactly one of 'messages' and 'input'")
+        if self.messages is not None and self.input is not None:
+            raise ValueError("give exactly one of 'messages' and 'input' (or only 'output')")
+        if self.messages is None and self.input is None and self.output is None:
+            raise ValueError("give exactly one of 'messages' and 'input', or an 'output' to judge alone")
         return self
 
 

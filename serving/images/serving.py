@@ -23,7 +23,7 @@ from guard.errors import ConceptRefused, GuardUnavailable, ModelError
 from guard.policy import Policy
 from serving.decisions import RequestTrace
 from serving.errors import OpenAIError, invalid_request, model_not_found, unsupported_parameter
-from serving.images.protocol import ImageData, ImageGenerationRequest, ImagesResponse
+from serving.images.protocol import OPENAI_SIZES, ImageData, ImageGenerationRequest, ImagesResponse
 from serving.reports import verdict_action
 from serving.serving_base import Call, GuardedServing
 
@@ -107,8 +107,9 @@ class ImageServing(GuardedServing[ImageGenerationRequest]):
         for detection in result.report.detections:
             self.metrics.flags.labels(concept=detection.concept_id, action=detection.action).inc()
         self.count("ok")
+        size = f"{result.width}x{result.height}"
         response = ImagesResponse(data=[ImageData(b64_json=base64.b64encode(png).decode("ascii"))
-                                        for png in result.images], size=f"{result.width}x{result.height}")
+                                        for png in result.images], size=size if size in OPENAI_SIZES else None)
         headers = {**seed_header(result.report), **certificate,
                    "x-guard-negative-prompt-flagged": ",".join(negative_flagged)}
         return self.response(response, policy, text_flagged + detected_concepts(result.report), headers)
