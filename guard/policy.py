@@ -222,6 +222,9 @@ class Calibration(_Strict):
     concepts: dict[str, CalibratedConcept]
 
 
+ImageAction = Literal["refuse", "blur", "black", "flag"]
+
+
 class PolicyTests(_Strict):
     """Requests the policy must decide as written, so an edit cannot silently weaken it: run by
     ``guard policy check`` (exit 2 naming file:line of a failing case) and before every hot reload (a reload that
@@ -243,6 +246,12 @@ class Policy(_Strict):
     models: Models = Field(default_factory=Models)
     defaults: Defaults = Field(default_factory=Defaults)
     certify: CertifySettings | None = None
+    image_action: ImageAction = Field(
+        "refuse", description="What happens to a generated image that an image detector still flags once the guard "
+                              "has done what the concepts allow (regenerated it with the concept erased, or nothing "
+                              "to erase it with): 'refuse' the request (400), 'blur' or 'black' out that image, or "
+                              "'flag' it (served, named in x-guard-images-flagged). A concept with action 'refuse' "
+                              "seen in an image always refuses; one with action 'log' only reports.")
     calibration: str | None = Field(
         None, description="Calibration file from `guard policy calibrate`, relative to this file. Its thresholds "
                           "replace the defaults of every calibrated concept; a concept's own "
@@ -285,8 +294,10 @@ class Policy(_Strict):
 
     def refusal_message(self, concept_ids: Sequence[str]) -> str:
         """What a refused or blocked request says, on every path (text, stream, images): the first concept's
-        ``action.message`` with ``{concepts}`` naming every concept involved."""
-        template = self.concept(concept_ids[0]).action.message
+        ``action.message`` with ``{concepts}`` naming every concept involved. An id that is no concept (an image
+        detector that no concept watches) takes the ``defaults`` message."""
+        first = next((c for c in self.concepts if c.id == concept_ids[0]), None)
+        template = (first.action if first is not None else self.defaults.action).message
         return template.replace("{concepts}", ", ".join(concept_ids))
 
     @property
@@ -428,6 +439,7 @@ def _resolve_file(path: Path, stack: tuple[Path, ...]
     defaults: dict[str, Any] = {}
     models: dict[str, Any] = {}
     certify: dict[str, Any] | None = None
+    image_action: str | None = None
     calibration: _CalibrationRef | None = None
     concepts: dict[str, _RawConcept] = {}
     for i, include in enumerate(extends):
@@ -439,6 +451,7 @@ def _resolve_file(path: Path, stack: tuple[Path, ...]
         defaults = _deep_merge(defaults, parent.get("defaults", {}))
         models = _deep_merge(models, parent.get("models", {}))
         certify = parent.get("certify", certify)
+        image_action = parent.get("image_action", image_action)
         for raw, src, idx in parent_concepts:
             concepts[raw.get("id")] = (raw, src, idx)
 
@@ -470,6 +483,8 @@ def _resolve_file(path: Path, stack: tuple[Path, ...]
     resolved = {**own, "defaults": defaults, "models": models}
     if certify is not None:
         resolved["certify"] = certify
+    if "image_action" not in data and image_action is not None:
+        resolved["image_action"] = image_action
     if calibration is not None:
         resolved["calibration"] = calibration[0]
     return resolved, list(concepts.values()), calibration

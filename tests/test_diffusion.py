@@ -321,10 +321,41 @@ def test_image_check_regenerates_with_nudity_erased_then_refuses_what_stays_flag
     assert refused.value.concept_ids == ["nudity"] and report.regenerated == [0, 1]
     assert [d.source for d in report.detections] == ["image"]
     assert report.regeneration_strengths == pytest.approx(first.nsfw_scores, abs=1e-6)
-    assert report.value_erasure == [] and len(report.nsfw_scores) == 2
+    assert report.value_erasure == ["nude", "naked"] and len(report.nsfw_scores) == 2  # AdaVD erased it too
+    assert report.flagged_images == [0, 1] and report.image_action == "refuse"
 
     refusing = load_policy(POLICIES / "diffusion_nsfw_refuse.yaml")
     with guard_pipeline(pipe, refusing, nsfw=ImageNsfwDetector(threshold=0.0)) as guarded:
         with pytest.raises(ImageRefused) as refused:
             guarded("a photo of a cat", seed=3, **RUN)
     assert refused.value.concept_ids == ["nudity"] and refused.value.report.regenerated == []
+
+
+def neighbour_difference(images: np.ndarray) -> float:
+    """Mean absolute difference of horizontally adjacent pixels: high for the tiny VAE's noise, low once blurred."""
+    return float(np.abs(np.diff(images, axis=-2)).mean())
+
+
+def test_flagged_images_without_an_nsfw_concept_are_refused_or_meet_the_image_action(pipe, policy):
+    """Open-NSFW flags every image at threshold 0. With no nsfw concept nothing can erase it: the default
+    image_action refuses (fail closed), blur and black replace the image, flag serves it and names it."""
+    no_nsfw = policy.model_copy(update={"concepts": [c for c in policy.concepts if c.kind.value != "nsfw"]})
+    plain = unguarded(pipe, "a photo of a cat")
+    with guard_pipeline(pipe, no_nsfw, nsfw=ImageNsfwDetector(threshold=0.0)) as guarded:
+        with pytest.raises(ImageRefused) as refused:
+            guarded("a photo of a cat", num_images=2, seed=3, **RUN)
+    assert refused.value.concept_ids == ["image-nsfw"] and refused.value.stage == "output"
+    assert refused.value.report.regenerated == [] and refused.value.report.flagged_images == [0, 1]
+    assert "image-nsfw" in refused.value.message
+
+    served = {}
+    for action in ("blur", "black", "flag"):
+        acting = no_nsfw.model_copy(update={"image_action": action})
+        with guard_pipeline(pipe, acting, nsfw=ImageNsfwDetector(threshold=0.0)) as guarded:
+            output = guarded("a photo of a cat", num_images=2, seed=3, **RUN)
+        assert output.report.flagged_images == [0, 1] and output.report.image_action == action
+        served[action] = output.images
+    assert np.array_equal(served["flag"], plain)
+    assert not served["black"].any()
+    assert served["blur"].shape == plain.shape
+    assert neighbour_difference(served["blur"]) < neighbour_difference(plain) / 4

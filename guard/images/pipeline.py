@@ -43,13 +43,15 @@ from guard.methods.semantic_surgery import (
     probe_texts,
 )
 from guard.models import resolve
-from guard.policy import ActionType, Concept, ConceptKind, Policy
+from guard.policy import ActionType, Concept, ConceptKind, ImageAction, Policy
 from guard.settle import Attempt, Step, seed_for_choice, settle
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
 GuardablePipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
+# What a refusal names when Open-NSFW flags an image that no policy concept of kind nsfw covers.
+IMAGE_NSFW = "image-nsfw"
 
 # Arguments the guard computes itself; accepting them from callers would let a call bypass or undo the erasure.
 _RESERVED = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
@@ -77,10 +79,12 @@ class GenerationReport:
     surgery_strength: float = 0.0  # ρ̂_joint subtracted from the prompt embedding (0 = untouched)
     erased_text: str = ""  # the co-occurrence prompt Semantic Surgery erased
     anchor_text: str = ""  # what it was replaced by ("" = the empty prompt)
-    value_erasure: list[str] = field(default_factory=list)  # texts whose value directions AdaVD projected out
+    value_erasure: list[str] = field(default_factory=list)  # texts whose value directions AdaVD projected out (any pass)
     nsfw_scores: list[float] | None = None  # final score per image, when the image check is on
     regenerated: list[int] = field(default_factory=list)  # images regenerated after the image check flagged them
     regeneration_strengths: list[float] = field(default_factory=list)
+    flagged_images: list[int] = field(default_factory=list)  # images still flagged when settled
+    image_action: str | None = None  # the policy's image_action applied to them (None: none was flagged)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,9 +93,10 @@ class GenerationReport:
 class ImageRefused(ConceptRefused):
     """The policy refuses this image request (at the prompt, or because an output stayed flagged)."""
 
-    def __init__(self, concept_ids: Sequence[str], message: str, report: GenerationReport):
+    def __init__(self, concept_ids: Sequence[str], message: str, report: GenerationReport, stage: str = "prompt"):
         super().__init__(concept_ids, message)
         self.report = report
+        self.stage = stage  # "prompt" (nothing was generated) or "output" (a generated image was refused)
 
 
 @dataclass
@@ -204,8 +209,8 @@ class GuardedPipeline:
             tuple(self.surgery.probes[i].text for i in rows)) if rows else None
         return _Plan(edit.embeddings, edit, erasure)
 
-    def _refusal(self, concept_ids: Sequence[str], report: GenerationReport) -> ImageRefused:
-        return ImageRefused(concept_ids, self.policy.refusal_message(concept_ids), report)
+    def _refusal(self, concept_ids: Sequence[str], report: GenerationReport, stage: str = "prompt") -> ImageRefused:
+        return ImageRefused(concept_ids, self.policy.refusal_message(concept_ids), report, stage)
 
     # -- generation -----------------------------------------------------------------------------------------------
 
@@ -279,10 +284,13 @@ class GuardedPipeline:
                       steered: Sequence[ConceptPresence], seed: int, guidance: bool, guidance_scale: float,
                       pipe_kwargs: dict[str, Any]) -> Any:
         """Settle the images (:mod:`guard.settle`): flagged ones are regenerated once with the ``nsfw`` concepts
-        erased; a refused ``nsfw`` concept, or an image still flagged after that, refuses the request."""
+        erased; a refused ``nsfw`` concept refuses the request; an image still flagged after that, or flagged with
+        no concept to erase it with, meets the policy's ``image_action`` (:func:`apply_image_action`)."""
         nsfw_concepts = [c for c in self.policy.concepts if c.kind == ConceptKind.nsfw]
         refused = [c.id for c in nsfw_concepts if c.action.type == ActionType.refuse]
         erase = [c.id for c in nsfw_concepts if c.action.type == ActionType.steer]
+        logged_only = bool(nsfw_concepts) and not refused and not erase
+        blamed = erase or [IMAGE_NSFW]
 
         def judge(items: Sequence[tuple[Attempt[_Plan | None], Any]]) -> list[Step[_Plan | None, float]]:
             scores = nsfw.scores(self._as_pil(_batch([image for _, image in items])))
@@ -293,16 +301,16 @@ class GuardedPipeline:
                     report.detections.append(ConceptDetection(concept.id, concept.action.type.value, peak, None, (),
                                                               "image"))
                 if refused:
-                    raise self._refusal(refused, report)
+                    raise self._refusal(refused, report, stage="output")
             steps = []
             for j, ((attempt, _), score) in enumerate(zip(items, scores)):
-                if j not in flagged or not erase:
+                if j not in flagged or logged_only:
                     steps.append(Step(OutputAction.send, score))
-                elif attempt.regenerations == 0:
+                elif erase and attempt.regenerations == 0:
                     plan = self._plan(conditioning, steered, {concept_id: score for concept_id in erase}, guidance)
                     steps.append(Step(OutputAction.regenerate, score, plan))
                 else:
-                    steps.append(Step(OutputAction.block, score, message=self.policy.refusal_message(erase)))
+                    steps.append(Step(OutputAction.block, score, message=self.policy.refusal_message(blamed)))
             return steps
 
         def decode(attempts: list[Attempt[_Plan | None]]) -> list[Any]:
@@ -310,22 +318,56 @@ class GuardedPipeline:
             repeated = None if unconditional is None else TextEmbeddings.stack([unconditional] * len(plans))
             report.regenerated = [attempt.index for attempt in attempts]
             report.regeneration_strengths = [plan.surgery.strength for plan in plans]
+            erasure = plans[0].value_erasure
+            if erasure is not None:
+                report.value_erasure = list(dict.fromkeys([*report.value_erasure, *erasure.labels]))
             again = self._run(TextEmbeddings.stack([p.conditioning for p in plans]), repeated,
-                              [seed_for_choice(seed, a.index) for a in attempts], 1, plans[0].value_erasure,
+                              [seed_for_choice(seed, a.index) for a in attempts], 1, erasure,
                               guidance_scale, pipe_kwargs)
             return [again[j] for j in range(len(attempts))]
 
         first = [(Attempt(i, None), images[i]) for i in range(len(images))]
         settled = settle(first, judge, decode)
         report.nsfw_scores = [s.judgement for s in settled]
-        if any(s.blocked is not None for s in settled):
-            raise self._refusal(erase, report)
-        if not report.regenerated:
-            return images
         for s in settled:
             if s.regenerations:
                 images[s.index] = s.output
+        still_flagged = [s.index for s in settled if s.blocked is not None]
+        if still_flagged:
+            report.flagged_images, report.image_action = still_flagged, self.policy.image_action
+            if self.policy.image_action == "refuse":
+                raise self._refusal(blamed, report, stage="output")
+            images = apply_image_action(images, still_flagged, self.policy.image_action)
         return images
+
+
+def apply_image_action(images: Any, flagged: Sequence[int], action: ImageAction) -> Any:
+    """The one place a policy's ``image_action`` changes served images: ``blur`` or ``black`` replace each flagged
+    image (in the pipeline's output type: PIL images, an array or a tensor batch); ``flag`` keeps it."""
+    if action == "refuse":
+        raise ValueError("a refused image is not served; raise the refusal instead")
+    if action == "flag":
+        return images
+    for index in flagged:
+        images[index] = _obscured(images[index], action)
+    return images
+
+
+def _obscured(image: Any, action: ImageAction) -> Any:
+    """``image`` blacked out, or blurred with a Gaussian of radius 1/8 of its longer side (no shape survives)."""
+    from PIL import Image, ImageFilter
+
+    if action == "black":
+        return Image.new(image.mode, image.size) if isinstance(image, Image.Image) else image * 0
+    if isinstance(image, Image.Image):
+        return image.filter(ImageFilter.GaussianBlur(radius=max(image.size) / 8))
+    tensor = isinstance(image, torch.Tensor)
+    pixels = image.permute(1, 2, 0).float().cpu().numpy() if tensor else np.asarray(image, dtype=np.float32)
+    as_pil = Image.fromarray((pixels.clip(0, 1) * 255).round().astype(np.uint8).squeeze())
+    blurred = np.asarray(_obscured(as_pil, action), dtype=np.float32).reshape(pixels.shape) / 255
+    if tensor:
+        return torch.from_numpy(blurred).permute(2, 0, 1).to(image.device, image.dtype)
+    return blurred.astype(image.dtype)
 
 
 def _batch(images: Sequence[Any]) -> Any:
