@@ -113,13 +113,23 @@ class SemanticSurgerySettings(_Strict):
 
 
 class AdaVDSettings(_Strict):
-    """AdaVD value-space projection; shift s = c / (1 + exp(-a (cos - b)))."""
+    """AdaVD value-space projection; shift s = c / (1 + exp(-a (cos - b))). Defaults are the paper's (SD 1.4)."""
 
     enabled: bool = True
-    a: float = 10.0
-    b: float = 0.2
-    c: NonNegative = 1.0
+    a: float = Field(100.0, description="Steepness of the shift (the paper's p).")
+    b: float = Field(0.93, description="Centre of the shift (the paper's epsilon): the cosine between a token's value "
+                                       "and the concept's at which the token loses exactly its component. It depends "
+                                       "on the text encoder: `guard policy calibrate --image-model` measures it.")
+    c: NonNegative = Field(2.0, description="Largest shift (the paper's s): tokens far above b lose up to c times "
+                                            "their component.")
     adaptive: bool = Field(True, description="Use the adaptive shift; false projects out the full component.")
+    decomp_timestep: int = Field(
+        0, ge=0, description="Erase only at scheduler timesteps above this (the paper code's decomp_timestep; 0 "
+                             "erases at every step of the usual schedulers, 500 only in the first, noisier half).")
+    targets: Literal["matched", "all"] = Field(
+        "matched", description="Whose value directions are projected out: 'matched' the concept's aliases found in "
+                               "the prompt (all of them for a concept seen only in an image), 'all' every alias of "
+                               "every erased concept (a wider subspace: more erased, less kept).")
 
 
 class UCESettings(_Strict):

@@ -195,7 +195,37 @@ def test_several_concepts_are_erased_with_one_co_occurrence_direction(pipe, poli
     assert report.surgery_strength == pytest.approx(max(strengths.values()))
     assert report.erased_text == "Van Gogh, nude"  # strongest first, only the matched probes
     assert report.anchor_text == "a painting, a person wearing clothes"
-    assert report.value_erasure == ["Van Gogh", "nude", "naked"]  # AdaVD: every probe of each present concept
+    assert report.value_erasure == ["Van Gogh", "nude"]  # AdaVD: the matched probes only ("naked" is not there)
+    every_alias = policy.model_copy(deep=True)
+    for concept in every_alias.concepts:
+        concept.methods.adavd.targets = "all"
+    with guard_pipeline(pipe, every_alias) as guarded:
+        assert guarded("a nude by van gogh", seed=0, **RUN).report.value_erasure == ["Van Gogh", "nude", "naked"]
+
+
+def test_adavd_defaults_are_the_papers():
+    settings = AdaVDSettings()
+    assert (settings.a, settings.b, settings.c, settings.adaptive) == (100.0, 0.93, 2.0, True)
+    assert (settings.decomp_timestep, settings.targets) == (0, "matched")
+
+
+def test_adavd_timestep_gate_erases_only_above_decomp_timestep(pipe, policy):
+    pipe.scheduler.set_timesteps(RUN["num_inference_steps"])
+    timesteps = [int(t) for t in pipe.scheduler.timesteps]
+    assert timesteps[0] > 250 > timesteps[1]
+    gated = policy.model_copy(deep=True)
+    gated.concept("van-gogh-style").methods.adavd.decomp_timestep = 250
+    recorders = install_recorders(pipe.unet)
+    with guard_pipeline(pipe, gated) as guarded:
+        guarded("a painting by van gogh", seed=0, **RUN)
+    for name, recorder in recorders.items():
+        attn = pipe.unet.get_submodule(name.removesuffix(".processor"))
+        target = target_value(pipe, attn, "Van Gogh")
+        (early_text, early), (late_text, late) = recorder.calls
+        with torch.no_grad():
+            assert not torch.allclose(early, attn.to_v(early_text))  # timestep 501 > 250: erased
+            assert F.cosine_similarity(early[1, 1:], target, dim=-1).abs().max() < 1e-4
+            assert torch.equal(late, attn.to_v(late_text))  # timestep 1 <= 250: untouched
 
 
 def test_refuse_raises_before_generating_and_log_only_reports(pipe, policy):

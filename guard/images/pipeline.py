@@ -43,7 +43,7 @@ from guard.methods.semantic_surgery import (
     probe_texts,
 )
 from guard.models import resolve
-from guard.policy import ActionType, Concept, ConceptKind, ImageAction, Policy
+from guard.policy import ActionType, ConceptKind, ImageAction, Policy
 from guard.settle import Attempt, Step, seed_for_choice, settle
 
 if TYPE_CHECKING:
@@ -187,25 +187,32 @@ class GuardedPipeline:
 
     def _plan(self, conditioning: TextEmbeddings, found: Sequence[ConceptPresence], seen: dict[str, float],
               guidance: bool) -> _Plan:
-        """What to erase: concepts found in the prompt (their matched probes) and concepts seen in an image."""
+        """What to erase: concepts found in the prompt (their matched probes) and concepts seen in an image.
+
+        AdaVD projects out the matched probes of each found concept (every probe with ``adavd.targets: all``) and
+        every probe of a concept seen only in an image (nothing in the prompt names it).
+        """
         targets: list[ErasureTarget] = []
-        value_concepts: list[Concept] = []
+        value_targets: dict[tuple[str, str], None] = {}
         for presence in found:
             concept = self._concepts[presence.concept_id]
             if concept.methods.semantic_surgery.enabled:
                 targets += [ErasureTarget(s.probe.text, s.presence, concept.anchor) for s in presence.matched]
-            value_concepts.append(concept)
+            if concept.methods.adavd.enabled:
+                texts = ([s.probe.text for s in presence.matched] if concept.methods.adavd.targets == "matched"
+                         else probe_texts(concept))
+                value_targets.update(dict.fromkeys((concept.id, text) for text in texts))
         for concept_id, score in seen.items():
             concept = self._concepts[concept_id]
             if concept.methods.semantic_surgery.enabled:
                 targets += [ErasureTarget(text, score, concept.anchor) for text in probe_texts(concept)]
-            value_concepts.append(concept)
+            if concept.methods.adavd.enabled:
+                value_targets.update(dict.fromkeys((concept.id, text) for text in probe_texts(concept)))
         edit = self.surgery.erase(conditioning, targets)
-        erased = {c.id: c for c in value_concepts if c.methods.adavd.enabled}
-        rows = [i for i, probe in enumerate(self.surgery.probes) if probe.concept_id in erased]
+        rows = [i for i, probe in enumerate(self.surgery.probes) if (probe.concept_id, probe.text) in value_targets]
         erasure = ValueErasure.build(
             [self._subject_embeddings[i] for i in rows],
-            [erased[self.surgery.probes[i].concept_id].methods.adavd for i in rows], guidance,
+            [self._concepts[self.surgery.probes[i].concept_id].methods.adavd for i in rows], guidance,
             tuple(self.surgery.probes[i].text for i in rows)) if rows else None
         return _Plan(edit.embeddings, edit, erasure)
 
