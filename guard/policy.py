@@ -16,7 +16,7 @@ import json
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -232,6 +232,43 @@ class Calibration(_Strict):
     concepts: dict[str, CalibratedConcept]
 
 
+class ImageCalibratedConcept(_Strict):
+    """One concept's Semantic Surgery presence threshold and AdaVD shift centre, measured on one image model."""
+
+    digest: str = Field(description="concept_digest of the concept when it was calibrated.")
+    presence_threshold: Fraction = Field(description="methods.semantic_surgery.threshold: the benign prompts' "
+                                                     "conformal (1 - target FPR) quantile of the presence alpha.")
+    presence_recall: Fraction = Field(description="Share of the concept's exemplars and aliases found at it.")
+    presence_exemplar_recall: Fraction | None = Field(
+        description="The same for the exemplars alone (never probes); null without exemplars.")
+    presence_fpr: Fraction = Field(description="Share of the benign prompts found at it.")
+    adavd_b: float = Field(description="methods.adavd.b: the benign prompts' conformal quantile of the best token's "
+                                       "value cosine to the concept's target values (mean over layers).")
+    adavd_recall: Fraction = Field(description="Share of the exemplars and aliases with a token at or above b.")
+    adavd_fpr: Fraction = Field(description="Share of the benign prompts with a token at or above b.")
+    n_positives: int = Field(ge=1, description="Exemplars and aliases scored.")
+    n_benign: int = Field(ge=1, description="Benign prompts scored (the shipped list plus the concept's negatives).")
+
+
+class ImageModelCalibration(_Strict):
+    """The calibration of every policy concept on one image model's text encoder and cross-attention values."""
+
+    model: str = Field(description="Where the model was read from (for people; the fingerprint is what is checked).")
+    pipeline: str
+    target_fpr: Annotated[float, Field(gt=0, lt=1)]
+    benign_corpus: str
+    concepts: dict[str, ImageCalibratedConcept]
+
+
+class ImageCalibration(_Strict):
+    """An image calibration file (``guard policy calibrate --image-model``): one entry per model fingerprint."""
+
+    version: Literal[1] = 1
+    policy: str = Field(description="Name of the calibrated policy (for people; the digests are what is checked).")
+    models: dict[str, ImageModelCalibration] = Field(description="By image model fingerprint "
+                                                                 "(guard.images.pipeline.model_fingerprint).")
+
+
 ImageAction = Literal["refuse", "blur", "black", "flag"]
 
 
@@ -266,12 +303,20 @@ class Policy(_Strict):
         None, description="Calibration file from `guard policy calibrate`, relative to this file. Its thresholds "
                           "replace the defaults of every calibrated concept; a concept's own "
                           "detection.semantic_threshold still wins.")
+    image_calibration: str | None = Field(
+        None, description="Image calibration file from `guard policy calibrate --image-model`, relative to this "
+                          "file. When a calibrated image model is served, its presence thresholds and AdaVD b "
+                          "replace the defaults (a concept's own methods.semantic_surgery.threshold or "
+                          "methods.adavd.b still wins); serving a model it does not calibrate is an error.")
     concepts: list[Concept] = Field(default_factory=list)
     tests: PolicyTests = Field(default_factory=PolicyTests)
     _test_lines: dict[tuple[str, int], tuple[Path, int | None]] = PrivateAttr(default_factory=dict)
     _calibration_path: Path | None = PrivateAttr(None)
     _calibration: Calibration | None = PrivateAttr(None)
     _explicit_thresholds: frozenset[str] = PrivateAttr(frozenset())
+    _image_calibration_path: Path | None = PrivateAttr(None)
+    _image_calibration: ImageCalibration | None = PrivateAttr(None)
+    _explicit_image_settings: dict[str, frozenset[str]] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> "Policy":
@@ -318,6 +363,42 @@ class Policy(_Strict):
     def calibrated(self, concept_id: str) -> CalibratedConcept | None:
         """The applied calibration's entry for a concept (None: uncalibrated, or loaded without calibration)."""
         return self._calibration.concepts.get(concept_id) if self._calibration else None
+
+    @property
+    def image_calibration_path(self) -> Path | None:
+        return self._image_calibration_path
+
+    @property
+    def calibrates_images(self) -> bool:
+        """Whether an image calibration was loaded (and must match the served image model)."""
+        return self._image_calibration is not None
+
+    def image_concepts(self, fingerprint: str) -> list[Concept]:
+        """The concepts as the image model ``fingerprint`` applies them: with its calibrated presence thresholds and
+        AdaVD b (unless a concept sets its own). Raises :class:`PolicyError` when the policy's image calibration
+        does not calibrate this model: its thresholds were measured on another text encoder."""
+        calibration = self._image_calibration
+        if calibration is None:
+            return list(self.concepts)
+        if fingerprint not in calibration.models:
+            known = ", ".join(f"{fp} ({entry.model})" for fp, entry in calibration.models.items()) or "none"
+            raise PolicyError(self._image_calibration_path, f"no calibration for image model {fingerprint} (it "
+                                                            f"calibrates: {known}); run `guard policy calibrate "
+                                                            f"POLICY --image-model DIR` for this model",
+                              field="models")
+        entries = calibration.models[fingerprint].concepts
+        concepts = []
+        for concept in self.concepts:
+            entry = entries.get(concept.id)
+            explicit = self._explicit_image_settings.get(concept.id, frozenset())
+            if entry is not None:
+                concept = concept.model_copy(deep=True)
+                if "threshold" not in explicit:
+                    concept.methods.semantic_surgery.threshold = entry.presence_threshold
+                if "b" not in explicit:
+                    concept.methods.adavd.b = entry.adavd_b
+            concepts.append(concept)
+        return concepts
 
     def threshold_source(self, concept_id: str) -> Literal["calibration", "policy", "default"]:
         """Where a concept's semantic threshold came from: the calibration file, the concept itself, or defaults."""
@@ -387,7 +468,7 @@ def _all_field_names() -> set[str]:
     names: set[str] = set()
     for model in (Policy, PolicyTests, Defaults, Concept, Action, DetectionSettings, MethodSettings, TokenPenaltySettings,
                   SemanticSurgerySettings, AdaVDSettings, UCESettings, CertifySettings, Models, Calibration,
-                  CalibratedConcept):
+                  CalibratedConcept, ImageCalibration, ImageModelCalibration, ImageCalibratedConcept):
         for name, info in model.model_fields.items():
             names.add(info.alias or name)
     return names
@@ -431,9 +512,13 @@ _RawConcept = tuple[dict[str, Any], _Source, int]
 _CalibrationRef = tuple[str, _Source]  # the path as written, and the file that wrote it (its base and line)
 
 
+_CALIBRATION_KEYS = ("calibration", "image_calibration")
+
+
 def _resolve_file(path: Path, stack: tuple[Path, ...]
-                  ) -> tuple[dict[str, Any], list[_RawConcept], _CalibrationRef | None]:
-    """Return (raw top-level data with composed defaults, [(raw concept, its source, its index)], calibration)."""
+                  ) -> tuple[dict[str, Any], list[_RawConcept], dict[str, _CalibrationRef]]:
+    """Return (raw top-level data with composed defaults, [(raw concept, its source, its index)], calibration
+    references by key)."""
     path = path.resolve()
     if path in stack:
         chain = " -> ".join(p.name for p in stack + (path,))
@@ -450,14 +535,14 @@ def _resolve_file(path: Path, stack: tuple[Path, ...]
     models: dict[str, Any] = {}
     certify: dict[str, Any] | None = None
     image_action: str | None = None
-    calibration: _CalibrationRef | None = None
+    calibrations: dict[str, _CalibrationRef] = {}
     concepts: dict[str, _RawConcept] = {}
     for i, include in enumerate(extends):
         include_path = (path.parent / include)
         if not include_path.exists():
             raise source.error(("extends", i), f"included file '{include}' not found")
-        parent, parent_concepts, parent_calibration = _resolve_file(include_path, stack + (path,))
-        calibration = parent_calibration or calibration
+        parent, parent_concepts, parent_calibrations = _resolve_file(include_path, stack + (path,))
+        calibrations.update(parent_calibrations)
         defaults = _deep_merge(defaults, parent.get("defaults", {}))
         models = _deep_merge(models, parent.get("models", {}))
         certify = parent.get("certify", certify)
@@ -475,8 +560,9 @@ def _resolve_file(path: Path, stack: tuple[Path, ...]
     models = _deep_merge(models, data.get("models") or {})
     if "certify" in data:
         certify = data["certify"]
-    if data.get("calibration") is not None:
-        calibration = (data["calibration"], source)
+    for key in _CALIBRATION_KEYS:
+        if data.get(key) is not None:
+            calibrations[key] = (data[key], source)
 
     raw_concepts = data.get("concepts", [])
     if not isinstance(raw_concepts, list):
@@ -495,9 +581,9 @@ def _resolve_file(path: Path, stack: tuple[Path, ...]
         resolved["certify"] = certify
     if "image_action" not in data and image_action is not None:
         resolved["image_action"] = image_action
-    if calibration is not None:
-        resolved["calibration"] = calibration[0]
-    return resolved, list(concepts.values()), calibration
+    for key, (written, _) in calibrations.items():
+        resolved[key] = written
+    return resolved, list(concepts.values()), calibrations
 
 
 def load_policy(path: str | Path, apply_calibration: bool = True) -> Policy:
@@ -507,7 +593,7 @@ def load_policy(path: str | Path, apply_calibration: bool = True) -> Policy:
     (``guard policy calibrate`` must be able to replace a stale one).
     """
     path = Path(path)
-    top, raw_concepts, calibration = _resolve_file(path, ())
+    top, raw_concepts, calibrations = _resolve_file(path, ())
     source = _Source(path.resolve())
     defaults_raw = top.get("defaults", {})
     concepts: list[Concept] = []
@@ -533,30 +619,43 @@ def load_policy(path: str | Path, apply_calibration: bool = True) -> Policy:
     policy._explicit_thresholds = frozenset(
         c.id for c, (raw, _, _) in zip(concepts, raw_concepts)
         if isinstance(raw.get("detection"), dict) and "semantic_threshold" in raw["detection"])
-    if calibration is not None:
-        written, declared_in = calibration
+    policy._explicit_image_settings = {
+        c.id: frozenset(name for method, name in (("semantic_surgery", "threshold"), ("adavd", "b"))
+                        if name in ((raw.get("methods") or {}).get(method) or {}))
+        for c, (raw, _, _) in zip(concepts, raw_concepts) if isinstance(raw.get("methods"), dict)}
+    if "calibration" in calibrations:
+        written, declared_in = calibrations["calibration"]
         policy._calibration_path = (declared_in.path.parent / written).resolve()
         if apply_calibration:
             _apply_calibration(policy, policy._calibration_path, declared_in, raw_concepts)
+    if "image_calibration" in calibrations:
+        written, declared_in = calibrations["image_calibration"]
+        policy._image_calibration_path = (declared_in.path.parent / written).resolve()
+        if apply_calibration:
+            _apply_image_calibration(policy, policy._image_calibration_path, declared_in, raw_concepts)
     return policy
 
 
-def _parse_calibration(path: Path) -> tuple[Calibration, _Source]:
+_AnyCalibration = TypeVar("_AnyCalibration", Calibration, ImageCalibration)
+
+
+def _parse_calibration(path: Path, model: type[_AnyCalibration] = Calibration) -> tuple[_AnyCalibration, _Source]:
     source = _Source(path, shape="a calibration file must be a mapping written by `guard policy calibrate`")
     try:
-        return Calibration.model_validate(source.data), source
+        return model.model_validate(source.data), source
     except ValidationError as err:
         raise _validation_error(source, err) from None
 
 
-def load_calibration(path: Path) -> Calibration:
-    """Read and validate a calibration file; errors name its file and line like policy errors."""
-    return _parse_calibration(path)[0]
+def load_calibration(path: Path, model: type[_AnyCalibration] = Calibration) -> _AnyCalibration:
+    """Read and validate a calibration file (text, or ``ImageCalibration``); errors name its file and line."""
+    return _parse_calibration(path, model)[0]
 
 
-def save_calibration(calibration: Calibration, path: Path) -> None:
+def save_calibration(calibration: Calibration | ImageCalibration, path: Path) -> None:
     """Write a calibration file (floats keep full precision, so a threshold reads back exactly)."""
-    header = "# Written by `guard policy calibrate`; reference it from the policy with `calibration: <this file>`.\n"
+    key = "image_calibration" if isinstance(calibration, ImageCalibration) else "calibration"
+    header = f"# Written by `guard policy calibrate`; reference it from the policy with `{key}: <this file>`.\n"
     body = yaml.safe_dump(calibration.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
     path.write_text(header + body, encoding="utf-8")
 
@@ -572,19 +671,41 @@ def _apply_calibration(policy: Policy, path: Path, declared_in: _Source, raw_con
     if calibration.embedding != policy.models.embedding:
         raise declared_in.error(where, f"'{path.name}' was calibrated for embedding model '{calibration.embedding}' "
                                        f"but the policy uses '{policy.models.embedding}' ({rerun})")
+    _check_digests(policy, calibration.concepts, ("concepts",), path, calibration_source, raw_concepts, rerun)
+    for concept in policy.concepts:
+        entry = calibration.concepts.get(concept.id)
+        if entry is not None and concept.id not in policy._explicit_thresholds:
+            concept.detection.semantic_threshold = entry.semantic_threshold
+    policy._calibration = calibration
+
+
+def _check_digests(policy: Policy, entries: dict[str, Any], where: tuple[Any, ...], path: Path,
+                   calibration_source: _Source, raw_concepts: list[_RawConcept], rerun: str) -> None:
+    """Every calibrated concept must still be in the policy, unchanged since it was measured."""
     by_id = {concept.id: (concept, raw) for concept, raw in zip(policy.concepts, raw_concepts)}
-    for concept_id, entry in calibration.concepts.items():
+    for concept_id, entry in entries.items():
         if concept_id not in by_id:
-            raise calibration_source.error(("concepts", concept_id),
+            raise calibration_source.error((*where, concept_id),
                                            f"calibrated concept '{concept_id}' is not in the policy ({rerun})")
         concept, (_, source, index) = by_id[concept_id]
         if entry.digest != concept_digest(concept):
             raise source.error(("concepts", index), f"concept '{concept_id}' changed since it was calibrated in "
                                                     f"'{path.name}' (exemplars, negatives, aliases or description; "
                                                     f"{rerun})")
-        if concept_id not in policy._explicit_thresholds:
-            concept.detection.semantic_threshold = entry.semantic_threshold
-    policy._calibration = calibration
+
+
+def _apply_image_calibration(policy: Policy, path: Path, declared_in: _Source,
+                             raw_concepts: list[_RawConcept]) -> None:
+    """Check an image calibration against the policy now; its values apply per served model
+    (:meth:`Policy.image_concepts`)."""
+    rerun = f"run `guard policy calibrate {declared_in.path.name} --image-model DIR`"
+    if not path.is_file():
+        raise declared_in.error(("image_calibration",), f"image calibration file '{path}' not found ({rerun})")
+    calibration, source = _parse_calibration(path, ImageCalibration)
+    for fingerprint, entry in calibration.models.items():
+        _check_digests(policy, entry.concepts, ("models", fingerprint, "concepts"), path, source, raw_concepts,
+                       rerun.replace("DIR", entry.model))
+    policy._image_calibration = calibration
 
 
 def policy_json_schema() -> dict[str, Any]:

@@ -18,8 +18,10 @@ again from the policy after loading.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import io
+import json
 import secrets
 import threading
 from dataclasses import asdict, dataclass, field
@@ -120,7 +122,10 @@ class GuardedPipeline:
     by accident. Calls are not reentrant: use one guarded pipeline per worker, or a lock (see :class:`ImageGuard`).
     """
 
-    def __init__(self, pipe: GuardablePipeline, policy: Policy, nsfw: ImageNsfwDetector | None = None):
+    def __init__(self, pipe: GuardablePipeline, policy: Policy, nsfw: ImageNsfwDetector | None = None,
+                 fingerprint: str | None = None):
+        """``fingerprint`` is the pipeline's :func:`model_fingerprint` (computed here when not given); the policy's
+        image calibration for that model is applied, and a policy that calibrates other models only is refused."""
         if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
             raise TypeError(f"the guard supports StableDiffusionPipeline and StableDiffusionXLPipeline, "
                             f"not {type(pipe).__name__}")
@@ -128,10 +133,13 @@ class GuardedPipeline:
         self.policy = policy
         self.nsfw = nsfw
         self._xl = isinstance(pipe, StableDiffusionXLPipeline)
-        self._concepts = {concept.id: concept for concept in policy.concepts}
-        self.surgery = SemanticSurgery(policy.concepts, self.encode)
+        concepts = list(policy.concepts)
+        if policy.calibrates_images:
+            concepts = policy.image_concepts(fingerprint or model_fingerprint(pipe))
+        self._concepts = {concept.id: concept for concept in concepts}
+        self.surgery = SemanticSurgery(concepts, self.encode)
         tokenizer = pipe.tokenizer
-        self._subject_embeddings = [
+        self.subject_embeddings = [
             last_subject_embedding(self.surgery.probe_embeddings.sequence[i], self._token_ids(probe.text),
                                    tokenizer.eos_token_id)
             for i, probe in enumerate(self.surgery.probes)]
@@ -211,7 +219,7 @@ class GuardedPipeline:
         edit = self.surgery.erase(conditioning, targets)
         rows = [i for i, probe in enumerate(self.surgery.probes) if (probe.concept_id, probe.text) in value_targets]
         erasure = ValueErasure.build(
-            [self._subject_embeddings[i] for i in rows],
+            [self.subject_embeddings[i] for i in rows],
             [self._concepts[self.surgery.probes[i].concept_id].methods.adavd for i in rows], guidance,
             tuple(self.surgery.probes[i].text for i in rows)) if rows else None
         return _Plan(edit.embeddings, edit, erasure)
@@ -386,6 +394,44 @@ def _batch(images: Sequence[Any]) -> Any:
     return list(images)
 
 
+def model_fingerprint(pipe: GuardablePipeline) -> str:
+    """What image calibrations are keyed by: a hash of everything they measured, the tokenizers, the text
+    encoders and the cross-attention value projections. Weights are hashed in float16, so a model loaded in
+    float32 on a CPU (where it was calibrated) and in float16 on a GPU (where it is served) have one fingerprint."""
+    digest = hashlib.sha256(type(pipe).__name__.encode())
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer = getattr(pipe, name, None)
+        if tokenizer is not None:
+            digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    modules = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
+    tensors = [(f"text{i}.{key}", value) for i, module in enumerate(modules) if module is not None
+               for key, value in sorted(module.state_dict().items())]
+    tensors += [(name, module.to_v.weight) for name, module in pipe.unet.named_modules()
+                if getattr(module, "is_cross_attention", False)]
+    with torch.no_grad():
+        for key, value in tensors:
+            digest.update(key.encode())
+            digest.update(value.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_image_pipeline(model: str | Path, device: str) -> GuardablePipeline:
+    """A local Stable Diffusion 1.x/2.x/XL folder (or model reference), on ``device`` (float16 on CUDA);
+    :class:`ModelError` when it cannot be loaded or is another kind of pipeline."""
+    resolved = resolve(str(model))
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    try:
+        pipe = DiffusionPipeline.from_pretrained(resolved.path, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ModelError(f"cannot load image model '{model}': {err}") from err
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+        raise ModelError(f"'{model}' is a {type(pipe).__name__}; the image guard supports Stable Diffusion "
+                         "1.x/2.x and XL pipelines")
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def guard_pipeline(pipe: GuardablePipeline, policy: Policy, nsfw: ImageNsfwDetector | None = None) -> GuardedPipeline:
     """Install the policy on an existing pipeline; the returned handle generates, reports and can ``remove()``."""
     return GuardedPipeline(pipe, policy, nsfw)
@@ -425,21 +471,12 @@ class ImageGuard:
 
     def __init__(self, model: str | Path, policy: Policy, *, device: str | None = None,
                  nsfw_threshold: float | None = None):
-        resolved = resolve(str(model))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
-        try:
-            pipe = DiffusionPipeline.from_pretrained(resolved.path, dtype=dtype, local_files_only=True)
-        except (OSError, ValueError, TypeError, KeyError) as err:
-            raise ModelError(f"cannot load image model '{model}': {err}") from err
-        if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
-            raise ModelError(f"'{model}' is a {type(pipe).__name__}; the image guard supports Stable Diffusion "
-                             "1.x/2.x and XL pipelines")
-        pipe.to(self.device)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_image_pipeline(model, self.device)
         self.model = str(model)
+        self.fingerprint = model_fingerprint(pipe)
         self.nsfw = None if nsfw_threshold is None else ImageNsfwDetector(nsfw_threshold)
-        self.guarded = GuardedPipeline(pipe, policy, self.nsfw)
+        self.guarded = GuardedPipeline(pipe, policy, self.nsfw, self.fingerprint)
         self._lock = threading.Lock()
 
     @property
@@ -456,9 +493,9 @@ class ImageGuard:
             current = self.guarded
             current.remove()
             try:
-                self.guarded = GuardedPipeline(current.pipe, policy, self.nsfw)
+                self.guarded = GuardedPipeline(current.pipe, policy, self.nsfw, self.fingerprint)
             except Exception:
-                self.guarded = GuardedPipeline(current.pipe, current.policy, self.nsfw)
+                self.guarded = GuardedPipeline(current.pipe, current.policy, self.nsfw, self.fingerprint)
                 raise
 
     def generate(self, prompt: str, n: int = 1, size: str | tuple[int, int] | None = None, seed: int | None = None,
