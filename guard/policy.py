@@ -103,6 +103,19 @@ class TokenPenaltySettings(_Strict):
     max_regenerations: int = Field(1, ge=0, le=5, description="Regenerations with stronger penalties after an output leak.")
 
 
+class VisualFeedbackSettings(_Strict):
+    """Semantic Surgery's visual feedback (step D): an image detector watches the generated images for the concept."""
+
+    enabled: bool = Field(False, description="Watch this concept's images with ``detector``: a flagged image is "
+                                             "regenerated with the concept erased (steer), refuses the request "
+                                             "(refuse) or is reported (log).")
+    detector: str = Field("nsfw", min_length=1, description="Name of the image detector ('nsfw': Open-NSFW, on with "
+                                                            "guard serve --image-nsfw-threshold).")
+    strength: NonNegative = Field(1.0, description="lambda_vis: the erasure strength of a concept seen only in the "
+                                                   "image (detections are binarised as in the paper: 1 at or above "
+                                                   "the detector's threshold, else 0).")
+
+
 class SemanticSurgerySettings(_Strict):
     """Semantic Surgery for diffusion prompt embeddings (threshold t on mean token cosine, sigmoid scale gamma)."""
 
@@ -110,6 +123,7 @@ class SemanticSurgerySettings(_Strict):
     threshold: Fraction = 0.12
     gamma: Annotated[float, Field(gt=0)] = 0.02
     activation: Fraction = Field(0.5, description="Presence score at or above which the concept is erased (tau).")
+    visual_feedback: VisualFeedbackSettings = Field(default_factory=VisualFeedbackSettings)
 
 
 class AdaVDSettings(_Strict):
@@ -141,6 +155,10 @@ class UCESettings(_Strict):
     rece_rounds: int = Field(0, ge=0, le=20)
     rece_regularizer: Annotated[float, Field(gt=0)] = Field(
         0.1, description="RECE ridge weight on the reviving embedding (0.1 nudity, 1e-3 styles and hard objects).")
+    null_space_tolerance: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.01, description="`guard edit --method null-space`: directions along which the preserved keys' Gram matrix "
+                          "has at most this fraction of its largest eigenvalue count as their null space, the only "
+                          "directions the edit may change.")
 
 
 class MethodSettings(_Strict):
@@ -467,7 +485,7 @@ def _format_path(path: tuple[Any, ...]) -> str:
 def _all_field_names() -> set[str]:
     names: set[str] = set()
     for model in (Policy, PolicyTests, Defaults, Concept, Action, DetectionSettings, MethodSettings, TokenPenaltySettings,
-                  SemanticSurgerySettings, AdaVDSettings, UCESettings, CertifySettings, Models, Calibration,
+                  SemanticSurgerySettings, VisualFeedbackSettings, AdaVDSettings, UCESettings, CertifySettings, Models, Calibration,
                   CalibratedConcept, ImageCalibration, ImageModelCalibration, ImageCalibratedConcept):
         for name, info in model.model_fields.items():
             names.add(info.alias or name)
