@@ -15,9 +15,9 @@ from test_diffusion import PRESENT
 from tiny_pipeline import tiny_sd_pipeline
 from typer.testing import CliRunner
 
+from detectors.calibration import benign_image_prompts
 from guard.cli import app
 from guard.errors import PolicyError
-from guard.images.calibration import benign_image_prompts
 from guard.images.pipeline import ImageGuard, guard_pipeline, model_fingerprint
 from guard.policy import ImageCalibration, load_calibration, load_policy
 

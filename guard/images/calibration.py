@@ -20,13 +20,12 @@ The result is stored per :func:`guard.images.pipeline.model_fingerprint` and app
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from detectors.calibration import DEFAULT_TARGET_FPR, conformal_threshold
+from detectors.calibration import DEFAULT_TARGET_FPR, benign_image_prompts, conformal_threshold
 from guard.images.pipeline import GuardablePipeline, GuardedPipeline, model_fingerprint
 from guard.policy import (
     Concept,
@@ -37,13 +36,7 @@ from guard.policy import (
     concept_digest,
 )
 
-BENIGN_IMAGE_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "image-prompts" / "benign.txt"
 _BATCH = 32
-
-
-def benign_image_prompts() -> list[str]:
-    """The shipped benign image prompts (written for this project; none names a concept of the shipped policies)."""
-    return [line.strip() for line in BENIGN_IMAGE_PROMPTS.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def positives(concept: Concept) -> list[str]:
