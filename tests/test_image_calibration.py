@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_diffusion import PRESENT
+from test_diffusion import PRESENT, one_thread  # noqa: F401 - its autouse fixture: one thread here too
 from tiny_pipeline import tiny_sd_pipeline
 from typer.testing import CliRunner
 
@@ -23,14 +23,6 @@ from guard.policy import ImageCalibration, load_calibration, load_policy
 
 POLICIES = Path(__file__).parent / "policies"
 TARGET_FPR = 0.02
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
