@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -105,6 +105,19 @@ class TokenPenaltySettings(_Strict):
     max_regenerations: int = Field(1, ge=0, le=5, description="Regenerations with stronger penalties after an output leak.")
 
 
+class VisualFeedbackSettings(_Strict):
+    """Semantic Surgery's visual feedback (step D): an image detector watches the generated images for the concept."""
+
+    enabled: bool = Field(False, description="Watch this concept's images with ``detector``: a flagged image is "
+                                             "regenerated with the concept erased (steer), refuses the request "
+                                             "(refuse) or is reported (log).")
+    detector: str = Field("nsfw", min_length=1, description="Name of the image detector ('nsfw': Open-NSFW, on with "
+                                                            "guard serve --image-nsfw-threshold).")
+    strength: NonNegative = Field(1.0, description="lambda_vis: the erasure strength of a concept seen only in the "
+                                                   "image (detections are binarised as in the paper: 1 at or above "
+                                                   "the detector's threshold, else 0).")
+
+
 class SemanticSurgerySettings(_Strict):
     """Semantic Surgery for diffusion prompt embeddings (threshold t on mean token cosine, sigmoid scale gamma)."""
 
@@ -112,16 +125,27 @@ class SemanticSurgerySettings(_Strict):
     threshold: Fraction = 0.12
     gamma: Annotated[float, Field(gt=0)] = 0.02
     activation: Fraction = Field(0.5, description="Presence score at or above which the concept is erased (tau).")
+    visual_feedback: VisualFeedbackSettings = Field(default_factory=VisualFeedbackSettings)
 
 
 class AdaVDSettings(_Strict):
-    """AdaVD value-space projection; shift s = c / (1 + exp(-a (cos - b)))."""
+    """AdaVD value-space projection; shift s = c / (1 + exp(-a (cos - b))). Defaults are the paper's (SD 1.4)."""
 
     enabled: bool = True
-    a: float = 10.0
-    b: float = 0.2
-    c: NonNegative = 1.0
+    a: float = Field(100.0, description="Steepness of the shift (the paper's p).")
+    b: float = Field(0.93, description="Centre of the shift (the paper's epsilon): the cosine between a token's value "
+                                       "and the concept's at which the token loses exactly its component. It depends "
+                                       "on the text encoder: `guard policy calibrate --image-model` measures it.")
+    c: NonNegative = Field(2.0, description="Largest shift (the paper's s): tokens far above b lose up to c times "
+                                            "their component.")
     adaptive: bool = Field(True, description="Use the adaptive shift; false projects out the full component.")
+    decomp_timestep: int = Field(
+        0, ge=0, description="Erase only at scheduler timesteps above this (the paper code's decomp_timestep; 0 "
+                             "erases at every step of the usual schedulers, 500 only in the first, noisier half).")
+    targets: Literal["matched", "all"] = Field(
+        "matched", description="Whose value directions are projected out: 'matched' the concept's aliases found in "
+                               "the prompt (all of them for a concept seen only in an image), 'all' every alias of "
+                               "every erased concept (a wider subspace: more erased, less kept).")
 
 
 class UCESettings(_Strict):
@@ -133,6 +157,10 @@ class UCESettings(_Strict):
     rece_rounds: int = Field(0, ge=0, le=20)
     rece_regularizer: Annotated[float, Field(gt=0)] = Field(
         0.1, description="RECE ridge weight on the reviving embedding (0.1 nudity, 1e-3 styles and hard objects).")
+    null_space_tolerance: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.01, description="`guard edit --method null-space`: directions along which the preserved keys' Gram matrix "
+                          "has at most this fraction of its largest eigenvalue count as their null space, the only "
+                          "directions the edit may change.")
 
 
 class MethodSettings(_Strict):
@@ -224,6 +252,46 @@ class Calibration(_Strict):
     concepts: dict[str, CalibratedConcept]
 
 
+class ImageCalibratedConcept(_Strict):
+    """One concept's Semantic Surgery presence threshold and AdaVD shift centre, measured on one image model."""
+
+    digest: str = Field(description="concept_digest of the concept when it was calibrated.")
+    presence_threshold: Fraction = Field(description="methods.semantic_surgery.threshold: the benign prompts' "
+                                                     "conformal (1 - target FPR) quantile of the presence alpha.")
+    presence_recall: Fraction = Field(description="Share of the concept's exemplars and aliases found at it.")
+    presence_exemplar_recall: Fraction | None = Field(
+        description="The same for the exemplars alone (never probes); null without exemplars.")
+    presence_fpr: Fraction = Field(description="Share of the benign prompts found at it.")
+    adavd_b: float = Field(description="methods.adavd.b: the benign prompts' conformal quantile of the best token's "
+                                       "value cosine to the concept's target values (mean over layers).")
+    adavd_recall: Fraction = Field(description="Share of the exemplars and aliases with a token at or above b.")
+    adavd_fpr: Fraction = Field(description="Share of the benign prompts with a token at or above b.")
+    n_positives: int = Field(ge=1, description="Exemplars and aliases scored.")
+    n_benign: int = Field(ge=1, description="Benign prompts scored (the shipped list plus the concept's negatives).")
+
+
+class ImageModelCalibration(_Strict):
+    """The calibration of every policy concept on one image model's text encoder and cross-attention values."""
+
+    model: str = Field(description="Where the model was read from (for people; the fingerprint is what is checked).")
+    pipeline: str
+    target_fpr: Annotated[float, Field(gt=0, lt=1)]
+    benign_corpus: str
+    concepts: dict[str, ImageCalibratedConcept]
+
+
+class ImageCalibration(_Strict):
+    """An image calibration file (``guard policy calibrate --image-model``): one entry per model fingerprint."""
+
+    version: Literal[1] = 1
+    policy: str = Field(description="Name of the calibrated policy (for people; the digests are what is checked).")
+    models: dict[str, ImageModelCalibration] = Field(description="By image model fingerprint "
+                                                                 "(guard.images.pipeline.model_fingerprint).")
+
+
+ImageAction = Literal["refuse", "blur", "black", "flag"]
+
+
 class PolicyTests(_Strict):
     """Requests the policy must decide as written, so an edit cannot silently weaken it: run by
     ``guard policy check`` (exit 2 naming file:line of a failing case) and before every hot reload (a reload that
@@ -248,16 +316,30 @@ class Policy(_Strict):
     models: Models = Field(default_factory=Models)
     defaults: Defaults = Field(default_factory=Defaults)
     certify: CertifySettings | None = None
+    image_action: ImageAction = Field(
+        "refuse", description="What happens to a generated image that an image detector still flags once the guard "
+                              "has done what the concepts allow (regenerated it with the concept erased, or nothing "
+                              "to erase it with): 'refuse' the request (400), 'blur' or 'black' out that image, or "
+                              "'flag' it (served, named in x-guard-images-flagged). A concept with action 'refuse' "
+                              "seen in an image always refuses; one with action 'log' only reports.")
     calibration: str | None = Field(
         None, description="Calibration file from `guard policy calibrate`, relative to this file. Its thresholds "
                           "replace the defaults of every calibrated concept; a concept's own "
                           "detection.semantic_threshold still wins.")
+    image_calibration: str | None = Field(
+        None, description="Image calibration file from `guard policy calibrate --image-model`, relative to this "
+                          "file. When a calibrated image model is served, its presence thresholds and AdaVD b "
+                          "replace the defaults (a concept's own methods.semantic_surgery.threshold or "
+                          "methods.adavd.b still wins); serving a model it does not calibrate is an error.")
     concepts: list[Concept] = Field(default_factory=list)
     tests: PolicyTests = Field(default_factory=PolicyTests)
     _test_lines: dict[tuple[str, int], tuple[Path, int | None]] = PrivateAttr(default_factory=dict)
     _calibration_path: Path | None = PrivateAttr(None)
     _calibration: Calibration | None = PrivateAttr(None)
     _explicit_thresholds: frozenset[str] = PrivateAttr(frozenset())
+    _image_calibration_path: Path | None = PrivateAttr(None)
+    _image_calibration: ImageCalibration | None = PrivateAttr(None)
+    _explicit_image_settings: dict[str, frozenset[str]] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> "Policy":
@@ -290,8 +372,10 @@ class Policy(_Strict):
 
     def refusal_message(self, concept_ids: Sequence[str]) -> str:
         """What a refused or blocked request says, on every path (text, stream, images): the first concept's
-        ``action.message`` with ``{concepts}`` naming every concept involved."""
-        template = self.concept(concept_ids[0]).action.message
+        ``action.message`` with ``{concepts}`` naming every concept involved. An id that is no concept (an image
+        detector that no concept watches) takes the ``defaults`` message."""
+        first = next((c for c in self.concepts if c.id == concept_ids[0]), None)
+        template = (first.action if first is not None else self.defaults.action).message
         return template.replace("{concepts}", ", ".join(concept_ids))
 
     @property
@@ -302,6 +386,42 @@ class Policy(_Strict):
     def calibrated(self, concept_id: str) -> CalibratedConcept | None:
         """The applied calibration's entry for a concept (None: uncalibrated, or loaded without calibration)."""
         return self._calibration.concepts.get(concept_id) if self._calibration else None
+
+    @property
+    def image_calibration_path(self) -> Path | None:
+        return self._image_calibration_path
+
+    @property
+    def calibrates_images(self) -> bool:
+        """Whether an image calibration was loaded (and must match the served image model)."""
+        return self._image_calibration is not None
+
+    def image_concepts(self, fingerprint: str) -> list[Concept]:
+        """The concepts as the image model ``fingerprint`` applies them: with its calibrated presence thresholds and
+        AdaVD b (unless a concept sets its own). Raises :class:`PolicyError` when the policy's image calibration
+        does not calibrate this model: its thresholds were measured on another text encoder."""
+        calibration = self._image_calibration
+        if calibration is None:
+            return list(self.concepts)
+        if fingerprint not in calibration.models:
+            known = ", ".join(f"{fp} ({entry.model})" for fp, entry in calibration.models.items()) or "none"
+            raise PolicyError(self._image_calibration_path, f"no calibration for image model {fingerprint} (it "
+                                                            f"calibrates: {known}); run `guard policy calibrate "
+                                                            f"POLICY --image-model DIR` for this model",
+                              field="models")
+        entries = calibration.models[fingerprint].concepts
+        concepts = []
+        for concept in self.concepts:
+            entry = entries.get(concept.id)
+            explicit = self._explicit_image_settings.get(concept.id, frozenset())
+            if entry is not None:
+                concept = concept.model_copy(deep=True)
+                if "threshold" not in explicit:
+                    concept.methods.semantic_surgery.threshold = entry.presence_threshold
+                if "b" not in explicit:
+                    concept.methods.adavd.b = entry.adavd_b
+            concepts.append(concept)
+        return concepts
 
     def threshold_source(self, concept_id: str) -> Literal["calibration", "policy", "default"]:
         """Where a concept's semantic threshold came from: the calibration file, the concept itself, or defaults."""
@@ -370,8 +490,8 @@ def _format_path(path: tuple[Any, ...]) -> str:
 def _all_field_names() -> set[str]:
     names: set[str] = set()
     for model in (Policy, PolicyTests, Defaults, Concept, Action, DetectionSettings, MethodSettings, TokenPenaltySettings,
-                  SemanticSurgerySettings, AdaVDSettings, UCESettings, CertifySettings, Models, Calibration,
-                  CalibratedConcept):
+                  SemanticSurgerySettings, VisualFeedbackSettings, AdaVDSettings, UCESettings, CertifySettings, Models, Calibration,
+                  CalibratedConcept, ImageCalibration, ImageModelCalibration, ImageCalibratedConcept):
         for name, info in model.model_fields.items():
             names.add(info.alias or name)
     return names
@@ -415,9 +535,13 @@ _RawConcept = tuple[dict[str, Any], _Source, int]
 _CalibrationRef = tuple[str, _Source]  # the path as written, and the file that wrote it (its base and line)
 
 
+_CALIBRATION_KEYS = ("calibration", "image_calibration")
+
+
 def _resolve_file(path: Path, stack: tuple[Path, ...]
-                  ) -> tuple[dict[str, Any], list[_RawConcept], _CalibrationRef | None]:
-    """Return (raw top-level data with composed defaults, [(raw concept, its source, its index)], calibration)."""
+                  ) -> tuple[dict[str, Any], list[_RawConcept], dict[str, _CalibrationRef]]:
+    """Return (raw top-level data with composed defaults, [(raw concept, its source, its index)], calibration
+    references by key)."""
     path = path.resolve()
     if path in stack:
         chain = " -> ".join(p.name for p in stack + (path,))
@@ -433,17 +557,19 @@ def _resolve_file(path: Path, stack: tuple[Path, ...]
     defaults: dict[str, Any] = {}
     models: dict[str, Any] = {}
     certify: dict[str, Any] | None = None
-    calibration: _CalibrationRef | None = None
+    image_action: str | None = None
+    calibrations: dict[str, _CalibrationRef] = {}
     concepts: dict[str, _RawConcept] = {}
     for i, include in enumerate(extends):
         include_path = (path.parent / include)
         if not include_path.exists():
             raise source.error(("extends", i), f"included file '{include}' not found")
-        parent, parent_concepts, parent_calibration = _resolve_file(include_path, stack + (path,))
-        calibration = parent_calibration or calibration
+        parent, parent_concepts, parent_calibrations = _resolve_file(include_path, stack + (path,))
+        calibrations.update(parent_calibrations)
         defaults = _deep_merge(defaults, parent.get("defaults", {}))
         models = _deep_merge(models, parent.get("models", {}))
         certify = parent.get("certify", certify)
+        image_action = parent.get("image_action", image_action)
         for raw, src, idx in parent_concepts:
             concepts[raw.get("id")] = (raw, src, idx)
 
@@ -457,8 +583,9 @@ def _resolve_file(path: Path, stack: tuple[Path, ...]
     models = _deep_merge(models, data.get("models") or {})
     if "certify" in data:
         certify = data["certify"]
-    if data.get("calibration") is not None:
-        calibration = (data["calibration"], source)
+    for key in _CALIBRATION_KEYS:
+        if data.get(key) is not None:
+            calibrations[key] = (data[key], source)
 
     raw_concepts = data.get("concepts", [])
     if not isinstance(raw_concepts, list):
@@ -475,9 +602,11 @@ def _resolve_file(path: Path, stack: tuple[Path, ...]
     resolved = {**own, "defaults": defaults, "models": models}
     if certify is not None:
         resolved["certify"] = certify
-    if calibration is not None:
-        resolved["calibration"] = calibration[0]
-    return resolved, list(concepts.values()), calibration
+    if "image_action" not in data and image_action is not None:
+        resolved["image_action"] = image_action
+    for key, (written, _) in calibrations.items():
+        resolved[key] = written
+    return resolved, list(concepts.values()), calibrations
 
 
 def load_policy(path: str | Path, apply_calibration: bool = True) -> Policy:
@@ -487,7 +616,7 @@ def load_policy(path: str | Path, apply_calibration: bool = True) -> Policy:
     (``guard policy calibrate`` must be able to replace a stale one).
     """
     path = Path(path)
-    top, raw_concepts, calibration = _resolve_file(path, ())
+    top, raw_concepts, calibrations = _resolve_file(path, ())
     source = _Source(path.resolve())
     defaults_raw = top.get("defaults", {})
     concepts: list[Concept] = []
@@ -514,11 +643,20 @@ def load_policy(path: str | Path, apply_calibration: bool = True) -> Policy:
     policy._explicit_thresholds = frozenset(
         c.id for c, (raw, _, _) in zip(concepts, raw_concepts)
         if isinstance(raw.get("detection"), dict) and "semantic_threshold" in raw["detection"])
-    if calibration is not None:
-        written, declared_in = calibration
+    policy._explicit_image_settings = {
+        c.id: frozenset(name for method, name in (("semantic_surgery", "threshold"), ("adavd", "b"))
+                        if name in ((raw.get("methods") or {}).get(method) or {}))
+        for c, (raw, _, _) in zip(concepts, raw_concepts) if isinstance(raw.get("methods"), dict)}
+    if "calibration" in calibrations:
+        written, declared_in = calibrations["calibration"]
         policy._calibration_path = (declared_in.path.parent / written).resolve()
         if apply_calibration:
             _apply_calibration(policy, policy._calibration_path, declared_in, raw_concepts)
+    if "image_calibration" in calibrations:
+        written, declared_in = calibrations["image_calibration"]
+        policy._image_calibration_path = (declared_in.path.parent / written).resolve()
+        if apply_calibration:
+            _apply_image_calibration(policy, policy._image_calibration_path, declared_in, raw_concepts)
     return policy
 
 
@@ -567,22 +705,26 @@ def load_inline_policy(text: str) -> Policy:
         return load_policy(path)
 
 
-def _parse_calibration(path: Path) -> tuple[Calibration, _Source]:
+_AnyCalibration = TypeVar("_AnyCalibration", Calibration, ImageCalibration)
+
+
+def _parse_calibration(path: Path, model: type[_AnyCalibration] = Calibration) -> tuple[_AnyCalibration, _Source]:
     source = _Source(path, shape="a calibration file must be a mapping written by `guard policy calibrate`")
     try:
-        return Calibration.model_validate(source.data), source
+        return model.model_validate(source.data), source
     except ValidationError as err:
         raise _validation_error(source, err) from None
 
 
-def load_calibration(path: Path) -> Calibration:
-    """Read and validate a calibration file; errors name its file and line like policy errors."""
-    return _parse_calibration(path)[0]
+def load_calibration(path: Path, model: type[_AnyCalibration] = Calibration) -> _AnyCalibration:
+    """Read and validate a calibration file (text, or ``ImageCalibration``); errors name its file and line."""
+    return _parse_calibration(path, model)[0]
 
 
-def save_calibration(calibration: Calibration, path: Path) -> None:
+def save_calibration(calibration: Calibration | ImageCalibration, path: Path) -> None:
     """Write a calibration file (floats keep full precision, so a threshold reads back exactly)."""
-    header = "# Written by `guard policy calibrate`; reference it from the policy with `calibration: <this file>`.\n"
+    key = "image_calibration" if isinstance(calibration, ImageCalibration) else "calibration"
+    header = f"# Written by `guard policy calibrate`; reference it from the policy with `{key}: <this file>`.\n"
     body = yaml.safe_dump(calibration.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
     path.write_text(header + body, encoding="utf-8")
 
@@ -598,19 +740,41 @@ def _apply_calibration(policy: Policy, path: Path, declared_in: _Source, raw_con
     if calibration.embedding != policy.models.embedding:
         raise declared_in.error(where, f"'{path.name}' was calibrated for embedding model '{calibration.embedding}' "
                                        f"but the policy uses '{policy.models.embedding}' ({rerun})")
+    _check_digests(policy, calibration.concepts, ("concepts",), path, calibration_source, raw_concepts, rerun)
+    for concept in policy.concepts:
+        entry = calibration.concepts.get(concept.id)
+        if entry is not None and concept.id not in policy._explicit_thresholds:
+            concept.detection.semantic_threshold = entry.semantic_threshold
+    policy._calibration = calibration
+
+
+def _check_digests(policy: Policy, entries: dict[str, Any], where: tuple[Any, ...], path: Path,
+                   calibration_source: _Source, raw_concepts: list[_RawConcept], rerun: str) -> None:
+    """Every calibrated concept must still be in the policy, unchanged since it was measured."""
     by_id = {concept.id: (concept, raw) for concept, raw in zip(policy.concepts, raw_concepts)}
-    for concept_id, entry in calibration.concepts.items():
+    for concept_id, entry in entries.items():
         if concept_id not in by_id:
-            raise calibration_source.error(("concepts", concept_id),
+            raise calibration_source.error((*where, concept_id),
                                            f"calibrated concept '{concept_id}' is not in the policy ({rerun})")
         concept, (_, source, index) = by_id[concept_id]
         if entry.digest != concept_digest(concept):
             raise source.error(("concepts", index), f"concept '{concept_id}' changed since it was calibrated in "
                                                     f"'{path.name}' (exemplars, negatives, aliases or description; "
                                                     f"{rerun})")
-        if concept_id not in policy._explicit_thresholds:
-            concept.detection.semantic_threshold = entry.semantic_threshold
-    policy._calibration = calibration
+
+
+def _apply_image_calibration(policy: Policy, path: Path, declared_in: _Source,
+                             raw_concepts: list[_RawConcept]) -> None:
+    """Check an image calibration against the policy now; its values apply per served model
+    (:meth:`Policy.image_concepts`)."""
+    rerun = f"run `guard policy calibrate {declared_in.path.name} --image-model DIR`"
+    if not path.is_file():
+        raise declared_in.error(("image_calibration",), f"image calibration file '{path}' not found ({rerun})")
+    calibration, source = _parse_calibration(path, ImageCalibration)
+    for fingerprint, entry in calibration.models.items():
+        _check_digests(policy, entry.concepts, ("models", fingerprint, "concepts"), path, source, raw_concepts,
+                       rerun.replace("DIR", entry.model))
+    policy._image_calibration = calibration
 
 
 def policy_json_schema() -> dict[str, Any]:

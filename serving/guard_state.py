@@ -125,13 +125,14 @@ class GuardState:
             raise failures[0].error(len(failures) - 1)
 
     def watched_paths(self) -> list[Path]:
-        """The policy's folder and the folders of the files it extends and of its calibration (edits there change
+        """The policy's folder and the folders of the files it extends and of its calibrations (edits there change
         the policy)."""
         folders = {self.policy_path.resolve().parent}
         for include in self.guard.policy.extends:
             folders.add((self.policy_path.parent / include).resolve().parent)
-        if self.guard.policy.calibration_path is not None:
-            folders.add(self.guard.policy.calibration_path.parent)
+        for calibration in (self.guard.policy.calibration_path, self.guard.policy.image_calibration_path):
+            if calibration is not None:
+                folders.add(calibration.parent)
         return sorted(folders)
 
     async def watch(self) -> None:

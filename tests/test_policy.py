@@ -249,3 +249,17 @@ def test_must_not_leak_judges_the_guarded_answer(tmp_path: Path) -> None:
     assert f"{logged}:13 tests.must_not_leak[1]: 'What is the tallest tower in Paris?' was answered naming " \
            "eiffel-tower: 'The tallest tower in Paris is" in stderr
     assert "must_not_leak[0]" not in stderr  # the capital question names no concept
+
+
+def test_image_action_is_validated_with_file_line_and_inherited(tmp_path: Path) -> None:
+    assert load_policy(write(tmp_path, "plain.yaml", MINIMAL)).image_action == "refuse"  # fail closed by default
+    bad = write(tmp_path, "bad.yaml", MINIMAL.replace("name: minimal\n", "name: minimal\nimage_action: pixelate\n"))
+    with pytest.raises(PolicyError) as err:
+        load_policy(bad)
+    assert (err.value.line, err.value.field) == (3, "image_action")
+    assert str(err.value).startswith(f"{bad}:3 image_action: input should be 'refuse', 'blur', 'black' or 'flag'")
+    write(tmp_path, "base.yaml", MINIMAL.replace("name: minimal\n", "name: base\nimage_action: blur\n"))
+    child = write(tmp_path, "child.yaml", "name: child\nextends: [base.yaml]\n")
+    assert load_policy(child).image_action == "blur"
+    override = write(tmp_path, "override.yaml", "name: o\nextends: [base.yaml]\nimage_action: flag\n")
+    assert load_policy(override).image_action == "flag"

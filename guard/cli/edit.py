@@ -23,7 +23,7 @@ from guard.edited_model import (
     write_edited_model,
 )
 from guard.errors import PolicyError, WeightEditError
-from guard.methods.uce import apply_edit, plan_from_policy
+from guard.methods.uce import SOLVERS, apply_edit, plan_from_policy
 from guard.policy import load_policy
 
 
@@ -36,11 +36,17 @@ def edit(
         "--concept", "-c", show_default=False,
         help="Concept id to erase (repeatable; default: every style/object/nsfw/celebrity concept).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")] = False,
+    method: Annotated[str, typer.Option(
+        "--method", help="uce: UCE's closed form (preserved prompts weighed against the erasure); null-space: the "
+                         "update restricted to the null space of the preserved keys (AlphaEdit / SPEED), which keeps "
+                         "them exactly.")] = "uce",
 ) -> None:
     """Erase policy concepts from a Stable Diffusion pipeline's weights (UCE + RECE) and save the edited pipeline."""
+    if method not in SOLVERS:
+        raise fail(f"--method must be one of {', '.join(SOLVERS)}, got '{method}'")
     try:
         policy = load_policy(policy_file)
-        plan = plan_from_policy(policy, concept or ())
+        plan = plan_from_policy(policy, concept or (), solver=method)
     except (PolicyError, WeightEditError) as err:
         raise fail(str(err)) from None
     try:

@@ -18,7 +18,15 @@ from guard.cli.output import console, errors, fail
 from guard.decision import Guard, leak_test_failures, run_policy_tests
 from guard.errors import DetectorError, GuardUnavailable, ModelError, PolicyError
 from guard.methods.registry import enabled_methods
-from guard.policy import Policy, load_policy, policy_json_schema, save_calibration
+from guard.policy import (
+    Calibration,
+    ImageCalibration,
+    Policy,
+    load_calibration,
+    load_policy,
+    policy_json_schema,
+    save_calibration,
+)
 
 PolicyFile = Annotated[Path, typer.Argument(help="Policy YAML file.", show_default=False)]
 
@@ -117,12 +125,24 @@ def calibrate(
         DEFAULT_TARGET_FPR),
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", show_default=False,
-        help="Calibration file to write (default: the one the policy references, else <policy>.calibration.yaml).",
+        help="Calibration file to write (default: the one the policy references, else <policy>.calibration.yaml, "
+             "or <policy>.image-calibration.yaml with --image-model).",
     )] = None,
+    image_model: Annotated[str | None, typer.Option(
+        "--image-model", show_default=False,
+        help="Calibrate the image guard instead: Semantic Surgery presence thresholds and AdaVD b for this local "
+             "Stable Diffusion folder's text encoder, stored under its fingerprint.")] = None,
 ) -> None:
-    """Set each concept's semantic threshold to a target false-positive rate (split conformal) and report recall."""
+    """Set each concept's semantic threshold to a target false-positive rate (split conformal) and report recall.
+
+    With --image-model, set the image guard's thresholds for that model instead (same conformal rule, on the
+    shipped benign image prompts); the file keeps one entry per model fingerprint.
+    """
     if not 0.0 < target_fpr < 1.0:
         raise fail(f"--target-fpr must be between 0 and 1, got {target_fpr}")
+    if image_model is not None:
+        _calibrate_images(file, image_model, target_fpr, out)
+        return
     try:
         policy = load_policy(file, apply_calibration=False)  # a stale calibration is what this replaces
         columns = (TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -133,10 +153,7 @@ def calibrate(
     except (PolicyError, ModelError, DetectorError, ValueError) as err:
         raise fail(str(err)) from None
     target = out or policy.calibration_path or file.with_name(f"{file.stem}.calibration.yaml")
-    try:
-        save_calibration(result.calibration, target)
-    except OSError as err:
-        raise fail(f"cannot write {target}: {err}") from None
+    _save(result.calibration, target)
 
     table = Table(title=f"policy '{policy.name}' calibrated to FPR ≤ {100 * target_fpr:g}% "
                         f"(recall: held-out exemplars, leave-one-out)")
@@ -149,10 +166,60 @@ def calibrate(
                       _percent(entry.fpr), f"{entry.n_positives}/{entry.n_benign}", f"{report.current_threshold:.3f}, "
                       f"{_percent(report.current_recall)}, {_percent(report.current_fpr)}")
     console.print(table)
+    _saved(file, target, policy.calibration_path, "calibration")
+
+
+def _save(calibration: Calibration | ImageCalibration, target: Path) -> None:
+    try:
+        save_calibration(calibration, target)
+    except OSError as err:
+        raise fail(f"cannot write {target}: {err}") from None
+
+
+def _saved(file: Path, target: Path, referenced: Path | None, key: str) -> None:
     console.print(f"wrote {target}", highlight=False, soft_wrap=True)
-    if policy.calibration_path != target.resolve():
+    if referenced != target.resolve():
         relative = os.path.relpath(target.resolve(), file.resolve().parent)
-        console.print(f"to apply it, add `calibration: {relative}` to {file}", highlight=False, soft_wrap=True)
+        console.print(f"to apply it, add `{key}: {relative}` to {file}", highlight=False, soft_wrap=True)
+
+
+def _calibrate_images(file: Path, image_model: str, target_fpr: float, out: Path | None) -> None:
+    """``calibrate --image-model``: measure, merge into the image calibration file (other models kept), report."""
+    try:
+        policy = load_policy(file, apply_calibration=False)
+        target = out or policy.image_calibration_path or file.with_name(f"{file.stem}.image-calibration.yaml")
+        existing = load_calibration(target, ImageCalibration) if target.is_file() else None
+        with console.status(f"loading {image_model}"):
+            from guard.images.calibration import calibrate_image_model, merged
+            from guard.images.pipeline import load_image_pipeline
+
+            pipe = load_image_pipeline(image_model, "cpu")
+        columns = (TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=errors, transient=True) as progress:
+            task = progress.add_task("calibrate", total=len(policy.concepts))
+            fingerprint, entry = calibrate_image_model(
+                policy, pipe, image_model, target_fpr,
+                on_step=lambda done, total: progress.update(task, completed=done, total=total))
+    except (PolicyError, ModelError, ValueError) as err:
+        raise fail(str(err)) from None
+    calibration, dropped = merged(existing, policy, fingerprint, entry)
+    _save(calibration, target)
+    table = Table(title=f"image model {image_model} ({fingerprint}): presence threshold t and AdaVD b at FPR ≤ "
+                        f"{100 * target_fpr:g}% (recall: the concept's exemplars and aliases; exemplars alone)")
+    table.add_column("concept", no_wrap=True)
+    for column in ("t (was)", "recall", "exemplars", "FPR", "AdaVD b (was)", "recall", "FPR", "n"):
+        table.add_column(column, justify="right")
+    for concept in policy.concepts:
+        c = entry.concepts[concept.id]
+        table.add_row(concept.id, f"{c.presence_threshold:.3f} ({concept.methods.semantic_surgery.threshold:g})",
+                      _percent(c.presence_recall), _percent(c.presence_exemplar_recall), _percent(c.presence_fpr),
+                      f"{c.adavd_b:.3f} ({concept.methods.adavd.b:g})", _percent(c.adavd_recall),
+                      _percent(c.adavd_fpr), f"{c.n_positives}/{c.n_benign}")
+    console.print(table)
+    if dropped:
+        errors.print(f"[yellow]warning:[/] dropped the stale calibrations of {', '.join(dropped)} (concepts changed "
+                     "since): calibrate those models again", highlight=False, soft_wrap=True)
+    _saved(file, target, policy.image_calibration_path, "image_calibration")
 
 
 def schema(out: Annotated[Path, typer.Option(help="Where to write the JSON schema.")] = Path(

@@ -36,6 +36,14 @@ def seed_header(report: GenerationReport) -> dict[str, str]:
     return {"x-guard-seed": str(report.seed)}
 
 
+def image_action_headers(report: GenerationReport) -> dict[str, str]:
+    """Which served images an image detector still flagged, and what the policy's image_action did to them."""
+    if not report.flagged_images:
+        return {}
+    return {"x-guard-images-flagged": ",".join(map(str, report.flagged_images)),
+            "x-guard-image-action": str(report.image_action)}
+
+
 def detected_concepts(report: GenerationReport) -> list[str]:
     return [detection.concept_id for detection in report.detections]
 
@@ -110,7 +118,7 @@ class ImageServing(GuardedServing[ImageGenerationRequest]):
         size = f"{result.width}x{result.height}"
         response = ImagesResponse(data=[ImageData(b64_json=base64.b64encode(png).decode("ascii"))
                                         for png in result.images], size=size if size in OPENAI_SIZES else None)
-        headers = {**seed_header(result.report), **certificate,
+        headers = {**seed_header(result.report), **image_action_headers(result.report), **certificate,
                    "x-guard-negative-prompt-flagged": ",".join(negative_flagged)}
         return self.response(response, policy, text_flagged + detected_concepts(result.report), headers)
 
@@ -138,10 +146,9 @@ class ImageServing(GuardedServing[ImageGenerationRequest]):
         return list(decision.verdict.flagged), list(negative.flagged)
 
     def _refused(self, policy: Policy, err: ImageRefused, user: str | None) -> OpenAIError:
-        """Refused at the prompt, or at the output when a refused concept was seen in a generated image."""
-        refused = set(err.concept_ids)
-        seen_in_image = any(d.source == "image" for d in err.report.detections if d.concept_id in refused)
-        error = self.refuse(policy, err.concept_ids, err.message, user, stage="output" if seen_in_image else "prompt",
-                            flagged=detected_concepts(err.report))
-        error.headers.update(seed_header(err.report))
+        """Refused at the prompt, or at the output (a refused concept seen in an image, or an image still flagged
+        under ``image_action: refuse``)."""
+        error = self.refuse(policy, err.concept_ids, err.message, user, stage=err.stage,
+                            flagged=list(dict.fromkeys([*detected_concepts(err.report), *err.concept_ids])))
+        error.headers.update({**seed_header(err.report), **image_action_headers(err.report)})
         return error
