@@ -58,10 +58,11 @@ def record_image_stages(trace: RequestTrace, report: GenerationReport, refused: 
               f"erased {', '.join(erased)}" if erased else "generated", ms)
     if not image_check:
         trace.skipped("image_check", "no --image-nsfw-threshold")
-    elif report.nsfw_scores is None:
+    elif report.image_scores is None:
         trace.skipped("image_check", "not reached: refused before any image was made")
     else:
         trace.ran("image_check", "block" if at_image else
+                  f"{report.image_action} images {report.flagged_images}" if report.flagged_images else
                   f"regenerated images {report.regenerated}" if report.regenerated else "passed", 0.0)
 
 
@@ -102,7 +103,7 @@ class ImageServing(GuardedServing[ImageGenerationRequest]):
             result = await to_thread.run_sync(generate)
         except ImageRefused as err:
             record_image_stages(trace, err.report, True, (time.perf_counter() - started) * 1000,
-                                images.nsfw is not None)
+                                bool(images.detectors))
             trace.flag(detected_concepts(err.report))
             raise self._refused(policy, err, request.user) from None
         except (GuardUnavailable, ModelError) as err:  # e.g. out of memory, or the NSFW model cannot load
@@ -110,7 +111,7 @@ class ImageServing(GuardedServing[ImageGenerationRequest]):
         except ValueError as err:  # a size the model cannot produce
             raise self.invalid(invalid_request(str(err), code="invalid_value")) from None
         record_image_stages(trace, result.report, False, (time.perf_counter() - started) * 1000,
-                            images.nsfw is not None)
+                            bool(images.detectors))
         trace.flag(detected_concepts(result.report))
         for detection in result.report.detections:
             self.metrics.flags.labels(concept=detection.concept_id, action=detection.action).inc()
