@@ -19,6 +19,7 @@ policy_app = typer.Typer(help="Validate, inspect and calibrate policy files.", n
 policy_app.command("check")(policy.check)
 policy_app.command("explain")(policy.explain)
 policy_app.command("calibrate")(policy.calibrate)
+policy_app.command("expand")(policy.expand)
 policy_app.command("schema")(policy.schema)
 app.add_typer(policy_app, name="policy")
 app.command("serve")(serve.serve)
