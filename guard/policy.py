@@ -112,6 +112,11 @@ class TokenPenaltySettings(_Strict):
         0.75, description="Block a token once the text would hold this fraction of an alias (GUARD's beta; never "
                           "fewer than 6 characters); 1 blocks only the token that completes it.")
     max_regenerations: int = Field(1, ge=0, le=5, description="Regenerations with stronger penalties after an output leak.")
+    forget_top_k: int = Field(2, ge=0, le=20, description="Forget-store entries retrieved per flagged request (closest "
+                                                          "to it); their distinctive n-grams are blocked like aliases.")
+    semantic_block: Fraction = Field(
+        0.8, description="On a flagged request, vocabulary words at least this similar (sentence encoder) to one of "
+                         "its forbidden words are blocked too (GUARD's delta); less similar ones keep the soft penalty.")
 
 
 class SemanticSurgerySettings(_Strict):
@@ -395,6 +400,22 @@ class Policy(_Strict):
     def calibration_path(self) -> Path | None:
         """The referenced calibration file, resolved against the policy file that names it."""
         return self._calibration_path
+
+    def snapshot(self) -> dict[str, Any]:
+        """The resolved policy as JSON data, with what loading read from other files (forget files, the profile),
+        for processes that must penalise with exactly this policy (the vLLM engine); read by :meth:`from_snapshot`."""
+        return {"policy": self.model_dump(mode="json", by_alias=True),
+                "forget": {c.id: [[e.text, e.question, e.source] for e in c._forget_entries] for c in self.concepts},
+                "profiles": {c.id: c._profile.model_dump(mode="json") for c in self.concepts if c._profile}}
+
+    @classmethod
+    def from_snapshot(cls, data: dict[str, Any]) -> "Policy":
+        policy = cls.model_validate(data["policy"])
+        for concept in policy.concepts:
+            concept._forget_entries = [ForgetEntry(*entry) for entry in data["forget"].get(concept.id, [])]
+            if concept.id in data["profiles"]:
+                concept._profile = ProfileConcept.model_validate(data["profiles"][concept.id])
+        return policy
 
     @property
     def profile_path(self) -> Path | None:

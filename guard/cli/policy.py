@@ -158,7 +158,7 @@ def expand(
     """Draw concept profiles from the model itself: ask it the concepts' exemplars and templated probes, keep its
     answers and their distinctive terms, and write a content-addressed profile file that the policy references."""
     from guard.models import load_language_model
-    from guard.text.profile import draw_profile, profiled_concepts, probe_prompts
+    from guard.text.profile import draw_profile, probe_prompts, profiled_concepts
 
     try:
         policy = load_policy(file, apply_profile=False)  # a stale profile is what this replaces

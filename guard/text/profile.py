@@ -16,7 +16,16 @@ from typing import TYPE_CHECKING
 from detectors.harmful import SAFE_PROMPTS, read_prompts
 from detectors.terms import draw_terms
 from guard.errors import ConceptRefused
-from guard.policy import ActionType, Concept, ConceptKind, Policy, Profile, ProfileAnswer, ProfileConcept, profile_digest
+from guard.policy import (
+    ActionType,
+    Concept,
+    ConceptKind,
+    Policy,
+    Profile,
+    ProfileAnswer,
+    ProfileConcept,
+    profile_digest,
+)
 from guard.text.generation import SamplingSettings, TextRequest, generate_batch
 
 if TYPE_CHECKING:
