@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from guard.cli import certify, edit, policy, serve
+from guard.cli import certify, edit, evaluate, policy, serve
 
 app = typer.Typer(help="erasure-guard: make deployed generative models forget what a policy forbids.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -25,6 +25,7 @@ app.add_typer(policy_app, name="policy")
 app.command("serve")(serve.serve)
 app.command("edit")(edit.edit)
 app.command("certify")(certify.certify)
+app.command("eval")(evaluate.evaluate)
 
 
 def main() -> None:

@@ -101,6 +101,32 @@ def explain(file: PolicyFile,
     console.print(table)
     flagged = result.flagged_ids
     console.print(f"flagged: {', '.join(flagged)}" if flagged else "flagged: none")
+    _explain_knowledge(policy, classifier, prompt, flagged)
+
+
+def _explain_knowledge(policy: Policy, classifier: PolicyClassifier, prompt: str, flagged: list[str]) -> None:
+    """For flagged concepts with a profile or forget store: the profile's terms and what retrieval would block."""
+    from detectors.forget import ForgetRetriever
+    from guard.methods.token_penalty.tables import forbidden_strings
+
+    known = [policy.concept(cid) for cid in flagged if policy.concept(cid).forget_entries]
+    if not known:
+        return
+    try:
+        retriever = ForgetRetriever(policy, classifier.encoder)
+        retrieved = retriever.retrieve([prompt], [c.id for c in known])
+        terms = retriever.terms([prompt], [c.id for c in known])
+    except DetectorError as err:
+        raise fail(str(err)) from None
+    for concept in known:
+        source = f" (profile {policy.profile_path.name})" if concept.profile_terms and policy.profile_path else ""
+        console.print(f"[bold]{escape(concept.id)}[/]: always blocked when penalised{escape(source)}: "
+                      f"{escape(', '.join(forbidden_strings(concept)))}", highlight=False, soft_wrap=True)
+        for entry in retrieved.get(concept.id, []):
+            console.print(f"  closest forget entry ({entry.source}): {escape(entry.text)}", highlight=False,
+                          soft_wrap=True)
+    console.print(f"blocked for this request (forget-store n-grams): {escape(', '.join(terms)) or 'none'}",
+                  highlight=False, soft_wrap=True)
 
 
 def calibrate(
