@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -98,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--retain", type=int, default=None, help="use only the first N retain prompts")
+    parser.add_argument("--per-concept", type=int, default=None,
+                        help="use only N probes per concept, spread over the file's order (so over the kinds)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 is fastest on a shared machine; raise it on a dedicated one)")
     parser.add_argument("--out", type=Path, default=None)
@@ -107,9 +110,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = args.out or ROOT / "benchmarks" / "results" / f"llm_erasure_{args.split}.json"
 
     probes = load_probes(probes_path)
-    if args.retain is not None:
-        probes = type(probes)(probes.terms, probes.concept_kinds, probes.probes, probes.neighbours,
-                              probes.retain[: args.retain])
+    if args.retain is not None or args.per_concept is not None:
+        chosen = probes.probes
+        if args.per_concept is not None:
+            chosen = []
+            for concept in probes.terms:
+                mine = [p for p in probes.probes if p.concept == concept]
+                chosen += [mine[i * len(mine) // args.per_concept] for i in range(min(args.per_concept, len(mine)))]
+        probes = replace(probes, probes=chosen, retain=probes.retain[: args.retain])
     t0 = time.perf_counter()
     guard = Guard(load_policy(policy_path))
     model, tokenizer = load_language_model(args.model)

@@ -180,6 +180,7 @@ def expand(
         help="Concept to profile (repeatable; default: every steered concept).", show_default=False)] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 48,
     batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 8,
+    benign: Annotated[int, typer.Option(help="Benign prompts whose answers the terms are contrasted with.")] = 48,
 ) -> None:
     """Draw concept profiles from the model itself: ask it the concepts' exemplars and templated probes, keep its
     answers and their distinctive terms, and write a content-addressed profile file that the policy references."""
@@ -199,9 +200,9 @@ def expand(
         language_model, tokenizer = load_language_model(model)
         columns = (TextColumn("asking the model"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=errors, transient=True) as progress:
-            task = progress.add_task("expand", total=sum(len(probe_prompts(c)) for c in concepts))
+            task = progress.add_task("expand", total=sum(len(probe_prompts(c)) for c in concepts) + benign)
             profile = draw_profile(policy, language_model, tokenizer, model, concepts, max_new_tokens, batch_size,
-                                   on_step=lambda done, total: progress.update(task, completed=done, total=total))
+                                   benign, on_step=lambda done, total: progress.update(task, completed=done, total=total))
     except (ModelError, DetectorError, ValueError) as err:
         raise fail(str(err)) from None
     previous = policy.profile_path

@@ -67,9 +67,10 @@ def profiled_concepts(policy: Policy, only: Sequence[str] = ()) -> list[Concept]
 
 def draw_profile(policy: Policy, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", model_reference: str,
                  concepts: Sequence[Concept], max_new_tokens: int = 48, batch_size: int = 8,
-                 on_step: Callable[[int, int], None] | None = None) -> Profile:
-    """Ask the unguarded model every concept's probes and benign prompts (greedy), and draw each concept's terms."""
-    benign_prompts = read_prompts(SAFE_PROMPTS)[:BENIGN_PROMPTS]
+                 benign: int = BENIGN_PROMPTS, on_step: Callable[[int, int], None] | None = None) -> Profile:
+    """Ask the unguarded model every concept's probes and ``benign`` benign prompts (greedy), and draw each
+    concept's terms."""
+    benign_prompts = read_prompts(SAFE_PROMPTS)[:benign]
     asked = [(concept.id, prompt) for concept in concepts for prompt in probe_prompts(concept)]
     asked += [("", prompt) for concept in concepts for prompt in concept.negatives]
     asked += [("", prompt) for prompt in benign_prompts]

@@ -371,10 +371,10 @@ class TokenPenalties:
 
 def forbidden_strings(concept: Concept) -> list[str]:
     """What decoding forbids for a concept on every penalised request: its aliases, the distinctive parts of
-    multi-word aliases ("Skywalker", "Musk"; not "Harry" or "Potter", which are common words) and its profile's
-    terms."""
+    multi-word aliases ("Skywalker", "Musk"; not "Harry" or "Potter", which are common words, nor "Sorcerer's")
+    and its profile's terms."""
     parts = [word for alias in concept.aliases if len(alias.split()) > 1 for word in alias.split()
-             if len(word) >= MIN_NAME_PART and is_distinctive(word, name_part=True)]
+             if len(word) >= MIN_NAME_PART and word.isalpha() and is_distinctive(word, name_part=True)]
     return list(dict.fromkeys(concept.aliases + parts + concept.profile_terms))
 
 
