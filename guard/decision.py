@@ -14,8 +14,10 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from detectors.base import Classification
+from detectors.alias import AliasDetector
+from detectors.base import Classification, ConceptScore
 from detectors.classifier import PolicyClassifier
+from detectors.forget import ForgetRetriever
 from detectors.fuzzy import FuzzyAliasDetector
 from guard.errors import ConceptRefused, DetectorError, GuardUnavailable, PolicyError
 from guard.policy import ActionType, Policy, load_policy
@@ -45,6 +47,7 @@ class PromptDecision:
     verdict: Verdict
     penalized: list[str]  # concepts whose token penalties apply while decoding this request
     ms: float = 0.0  # how long the prompt check took (engines decide in their own threads; the log reads it here)
+    terms: tuple[str, ...] = ()  # this request's forbidden terms: n-grams of the closest forget-store entries
 
 
 class OutputAction(str, Enum):
@@ -63,6 +66,7 @@ class OutputDecision:
     fallback: bool = False  # the choice ends with ``message`` as its answer (finish_reason "stop"), not a block
     leaked: list[str] = field(default_factory=list)  # the concepts that keep the text from being sent as is
     ms: float = 0.0  # time spent checking: this check, plus the earlier checks of the same choice (settle loop)
+    terms: tuple[str, ...] = ()  # for a regeneration: the request's forbidden terms, with those of newly leaked concepts
 
 
 class Guard:
@@ -72,6 +76,7 @@ class Guard:
         self.policy = policy
         try:
             self.classifier = PolicyClassifier(policy, show_progress=show_progress)
+            self.forget = ForgetRetriever(policy, self.classifier.encoder)
         except DetectorError as err:
             raise GuardUnavailable(str(err)) from err
         self._penalties: dict[int, "TokenPenalties"] = {}
@@ -81,8 +86,14 @@ class Guard:
         # Near-miss names count as naming a steered concept in the output check only (never in the prompt check).
         tokenizer = getattr(self.classifier.encoder, "tokenizer", None)  # its whole words are the common words
         vocabulary = tokenizer.get_vocab() if tokenizer is not None else {}
-        self.near_misses = FuzzyAliasDetector(
-            {c.id: c.aliases for c in policy.concepts if c.action.type is ActionType.steer and c.detection.aliases},
+        steered = [c for c in policy.concepts if c.action.type is ActionType.steer and c.detection.aliases]
+        self.near_misses = FuzzyAliasDetector({c.id: c.aliases for c in steered},
+                                              common_words=[word for word in vocabulary if word.isalpha()])
+        # A profile's terms and their near misses name a concept only in answers to requests penalised for it: they
+        # are the concept's vocabulary, which unrelated answers may use freely. Names only for near misses.
+        self.profile_terms = AliasDetector({c.id: c.profile_terms for c in steered if c.profile_terms})
+        self.profile_near_misses = FuzzyAliasDetector(
+            {c.id: [t for t in c.profile_terms if t[:1].isupper()] for c in steered if c.profile_terms},
             common_words=[word for word in vocabulary if word.isalpha()])
 
     @classmethod
@@ -114,7 +125,19 @@ class Guard:
         ms = (time.perf_counter() - started) * 1000
         if verdict.refused:
             raise ConceptRefused(verdict.refused, self.refusal_message(verdict.refused), ms=ms)
-        return replace(self.prompt_decision(verdict), ms=ms)
+        decision = self.prompt_decision(verdict)
+        if decision.penalized:
+            decision = replace(decision, terms=self._forget_terms(texts, decision.penalized))
+        return replace(decision, ms=(time.perf_counter() - started) * 1000)
+
+    def _forget_terms(self, texts: Sequence[str], concept_ids: Sequence[str]) -> tuple[str, ...]:
+        """Forbidden terms of the forget entries closest to ``texts`` (GUARD's retrieval); fails closed."""
+        if not concept_ids:
+            return ()
+        try:
+            return self.forget.terms(texts, concept_ids)
+        except DetectorError as err:
+            raise GuardUnavailable(str(err)) from err
 
     def prompt_decision(self, verdict: Verdict) -> PromptDecision:
         """Which concepts decoding erases for a prompt judged ``verdict`` (refused concepts aside); check-only
@@ -144,8 +167,10 @@ class Guard:
         except Exception as err:  # noqa: BLE001 - any matcher failure must fail closed, like the classifier's
             raise GuardUnavailable(f"near-miss check failed: {err}") from err
         named = {s.concept_id for s in verdict.classification.flagged if s.detector == "alias"}
+        vocabulary = [s for s in self._vocabulary_named(text, decision) if s.concept_id not in named]
+        named |= {s.concept_id for s in vocabulary}
         # A near miss is evidence only where no exact alias already names the concept (one row per concept).
-        misses = [s for s in near.flagged if s.concept_id not in named]
+        misses = [s for s in near.flagged if s.concept_id not in named] + vocabulary
         named |= {s.concept_id for s in misses}
         steered = list(dict.fromkeys(verdict.steered + [s.concept_id for s in misses]))  # near misses: steer only
         if misses:
@@ -160,8 +185,12 @@ class Guard:
         if not verdict.refused and attempt < retries:
             enabled = [cid for cid in leaked if self.policy.concept(cid).methods.token_penalty.enabled]
             penalized = list(dict.fromkeys(decision.penalized + enabled))
+            # A concept the prompt check missed gets the forget entries closest to what the model wrote about it.
+            terms = decision.terms + tuple(t for t in self._forget_terms([text], [c for c in enabled
+                                                                                  if c not in decision.penalized])
+                                           if t not in decision.terms)
             return OutputDecision(OutputAction.regenerate, verdict, penalized, strength=2.0 ** (attempt + 1),
-                                  message=fallback or "", fallback=fallback is not None, leaked=leaked)
+                                  message=fallback or "", fallback=fallback is not None, leaked=leaked, terms=terms)
         if fallback is not None:
             return OutputDecision(OutputAction.block, verdict, message=fallback, fallback=True, leaked=leaked)
         return OutputDecision(OutputAction.block, verdict, message=self.refusal_message(leaked), leaked=leaked)
@@ -176,6 +205,26 @@ class Guard:
             raise GuardUnavailable(f"near-miss check failed: {err}") from err
         named = [s.concept_id for s in verdict.classification.flagged if s.detector == "alias"]
         return list(dict.fromkeys(named + [s.concept_id for s in near.flagged]))
+
+    def _vocabulary_named(self, text: str, decision: PromptDecision) -> list[ConceptScore]:
+        """Scores of penalised concepts that the text names by their vocabulary: a profile term or its near miss,
+        or one of the request's forbidden terms (each penalised concept counts at most once)."""
+        penalized = set(decision.penalized)
+        try:
+            found = [s for s in self.profile_terms.detect([text]).flagged + self.profile_near_misses.detect([text]).flagged
+                     if s.concept_id in penalized]
+            if decision.terms and not found:
+                hits = AliasDetector({"terms": list(decision.terms)}).find(text)
+                if hits:
+                    found = [ConceptScore(concept_id=cid, score=1.0, threshold=1.0, flagged=True, detector="forget",
+                                          evidence=f"forbidden term '{hits[0].alias}' of the forget store")
+                             for cid in decision.penalized if cid in self.forget.concept_ids][:1]
+        except Exception as err:  # noqa: BLE001 - a matcher failure must fail closed
+            raise GuardUnavailable(f"vocabulary check failed: {err}") from err
+        unique: dict[str, ConceptScore] = {}
+        for score in found:
+            unique.setdefault(score.concept_id, score)
+        return list(unique.values())
 
     def token_penalties(self, tokenizer: "PreTrainedTokenizerBase") -> "TokenPenalties":
         """Per-tokenizer penalty tables, compiled once (tries and vocabulary masks are costly to build)."""

@@ -21,7 +21,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 from guard.errors import PolicyError
 
@@ -103,6 +113,11 @@ class TokenPenaltySettings(_Strict):
         0.75, description="Block a token once the text would hold this fraction of an alias (GUARD's beta; never "
                           "fewer than 6 characters); 1 blocks only the token that completes it.")
     max_regenerations: int = Field(1, ge=0, le=5, description="Regenerations with stronger penalties after an output leak.")
+    forget_top_k: int = Field(2, ge=0, le=20, description="Forget-store entries retrieved per flagged request (closest "
+                                                          "to it); their distinctive n-grams are blocked like aliases.")
+    semantic_block: Fraction = Field(
+        0.8, description="On a flagged request, vocabulary words at least this similar (sentence encoder) to one of "
+                         "its forbidden words are blocked too (GUARD's delta); less similar ones keep the soft penalty.")
 
 
 class VisualFeedbackSettings(_Strict):
@@ -193,6 +208,41 @@ class Defaults(_Strict):
     methods: MethodSettings = Field(default_factory=MethodSettings)
 
 
+class ForgetPair(_Strict):
+    """A question and the answer that must not come out (GUARD retrieves the answer closest to the prompt)."""
+
+    question: str = Field(min_length=1)
+    answer: str = Field(min_length=1)
+
+
+class ForgetFile(_Strict):
+    """A text file of forget passages, relative to the policy file that names it; blank lines separate passages."""
+
+    file: str = Field(min_length=1)
+
+
+def _forget_kind(item: Any) -> str:
+    """Which forget item a YAML value means, so a mistake is reported against that shape only."""
+    if isinstance(item, (dict, ForgetFile, ForgetPair)):
+        return "forget-file" if isinstance(item, ForgetFile) or (isinstance(item, dict) and "file" in item) \
+            else "forget-pair"
+    return "forget-passage"
+
+
+ForgetItem = Annotated[Annotated[Annotated[str, Field(min_length=1)], Tag("forget-passage")]
+                       | Annotated[ForgetPair, Tag("forget-pair")] | Annotated[ForgetFile, Tag("forget-file")],
+                       Discriminator(_forget_kind)]
+
+
+@dataclass(frozen=True)
+class ForgetEntry:
+    """One resolved forget-store entry: the answer or passage, and the question it answers (if given)."""
+
+    text: str
+    question: str | None = None
+    source: str = "policy"  # policy | file | profile (the served model's own answer, from `guard policy expand`)
+
+
 class Concept(_Strict):
     id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
     kind: ConceptKind
@@ -204,6 +254,13 @@ class Concept(_Strict):
     action: Action = Field(default_factory=Action)
     detection: DetectionSettings = Field(default_factory=DetectionSettings)
     methods: MethodSettings = Field(default_factory=MethodSettings)
+    forget: list[ForgetItem] = Field(
+        default_factory=list, description="The concept's forget store: passages, {question, answer} pairs, or "
+                                          "{file: path} (text files relative to this policy file, passages split at "
+                                          "blank lines). Decoding blocks the distinctive n-grams of the entries "
+                                          "closest to each flagged request.")
+    _forget_entries: list[ForgetEntry] = PrivateAttr(default_factory=list)
+    _profile: "ProfileConcept | None" = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _detectable(self) -> "Concept":
@@ -216,9 +273,27 @@ class Concept(_Strict):
         """Strings whose appearance in text means the concept is named outright."""
         return list(dict.fromkeys(self.aliases))
 
+    @property
+    def forget_entries(self) -> list[ForgetEntry]:
+        """The resolved forget store: the policy's passages and pairs, files read at load, and the profile's answers."""
+        profile = [ForgetEntry(a.answer, a.question, "profile") for a in self._profile.answers] if self._profile else []
+        return self._forget_entries + profile
+
+    @property
+    def profile_terms(self) -> list[str]:
+        """Distinctive terms of the concept's profile (`guard policy expand`, reviewed and editable)."""
+        return list(self._profile.terms) if self._profile else []
+
 
 class Models(_Strict):
     embedding: str = Field("embedded:minilm", description="Sentence encoder used by the semantic detector.")
+
+
+def profile_digest(concept: Concept) -> str:
+    """Hash of what a profile is drawn from (the concept's texts and its forget store), so an edit is noticed."""
+    drawn_from = {"id": concept.id, "description": concept.description, "aliases": concept.aliases,
+                  "exemplars": concept.exemplars, "forget": [[e.question, e.text] for e in concept._forget_entries]}
+    return hashlib.sha256(json.dumps(drawn_from, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def concept_digest(concept: Concept) -> str:
@@ -292,6 +367,30 @@ class ImageCalibration(_Strict):
 ImageAction = Literal["refuse", "blur", "black", "flag"]
 
 
+class ProfileAnswer(_Strict):
+    question: str
+    answer: str
+
+
+class ProfileConcept(_Strict):
+    """One concept's profile: what the served model itself answered about it, and the distinctive terms drawn from
+    those answers (names, name parts, related entities, coined vocabulary) that decoding blocks when it is flagged."""
+
+    digest: str = Field(description="profile_digest of the concept it was drawn from.")
+    terms: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="Blocked like aliases on flagged requests; review and edit freely.")
+    answers: list[ProfileAnswer] = Field(default_factory=list, description="The model's answers (forget store).")
+
+
+class Profile(_Strict):
+    """A profile file written by `guard policy expand`, referenced from the policy with ``profile:``."""
+
+    version: Literal[1] = 1
+    policy: str = Field(description="Name of the policy it was drawn for (for people; the digests are checked).")
+    model: str = Field(description="The unguarded model that answered the probes.")
+    concepts: dict[str, ProfileConcept]
+
+
 class PolicyTests(_Strict):
     """Requests the policy must decide as written, so an edit cannot silently weaken it: run by
     ``guard policy check`` (exit 2 naming file:line of a failing case) and before every hot reload (a reload that
@@ -331,11 +430,16 @@ class Policy(_Strict):
                           "file. When a calibrated image model is served, its presence thresholds and AdaVD b "
                           "replace the defaults (a concept's own methods.semantic_surgery.threshold or "
                           "methods.adavd.b still wins); serving a model it does not calibrate is an error.")
+    profile: str | None = Field(
+        None, description="Concept profile file from `guard policy expand`, relative to this file: the served "
+                          "model's own answers and the distinctive terms drawn from them.")
     concepts: list[Concept] = Field(default_factory=list)
     tests: PolicyTests = Field(default_factory=PolicyTests)
     _test_lines: dict[tuple[str, int], tuple[Path, int | None]] = PrivateAttr(default_factory=dict)
     _calibration_path: Path | None = PrivateAttr(None)
     _calibration: Calibration | None = PrivateAttr(None)
+    _profile_path: Path | None = PrivateAttr(None)
+    _forget_files: list[Path] = PrivateAttr(default_factory=list)
     _explicit_thresholds: frozenset[str] = PrivateAttr(frozenset())
     _image_calibration_path: Path | None = PrivateAttr(None)
     _image_calibration: ImageCalibration | None = PrivateAttr(None)
@@ -353,7 +457,9 @@ class Policy(_Strict):
     @property
     def fingerprint(self) -> str:
         """Content hash of the resolved policy; changes whenever behaviour could change."""
-        canonical = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+        resolved = {c.id: [[e.question, e.text, e.source] for e in c.forget_entries] + c.profile_terms
+                    for c in self.concepts}  # forget files and the profile change behaviour too
+        canonical = json.dumps([self.model_dump(mode="json", by_alias=True), resolved], sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
     def test_location(self, kind: str, index: int) -> tuple[Path | None, int | None]:
@@ -382,6 +488,33 @@ class Policy(_Strict):
     def calibration_path(self) -> Path | None:
         """The referenced calibration file, resolved against the policy file that names it."""
         return self._calibration_path
+
+    def snapshot(self) -> dict[str, Any]:
+        """The resolved policy as JSON data, with what loading read from other files (forget files, the profile),
+        for processes that must penalise with exactly this policy (the vLLM engine); read by :meth:`from_snapshot`."""
+        return {"policy": self.model_dump(mode="json", by_alias=True),
+                "forget": {c.id: [[e.text, e.question, e.source] for e in c._forget_entries] for c in self.concepts},
+                "profiles": {c.id: c._profile.model_dump(mode="json") for c in self.concepts if c._profile}}
+
+    @classmethod
+    def from_snapshot(cls, data: dict[str, Any]) -> "Policy":
+        policy = cls.model_validate(data["policy"])
+        for concept in policy.concepts:
+            concept._forget_entries = [ForgetEntry(*entry) for entry in data["forget"].get(concept.id, [])]
+            if concept.id in data["profiles"]:
+                concept._profile = ProfileConcept.model_validate(data["profiles"][concept.id])
+        return policy
+
+    @property
+    def profile_path(self) -> Path | None:
+        """The referenced profile file, resolved against the policy file that names it."""
+        return self._profile_path
+
+    @property
+    def referenced_files(self) -> list[Path]:
+        """Files besides the YAML policies whose edits change the policy: calibrations, profile, forget files."""
+        return [p for p in (self._calibration_path, self._image_calibration_path, self._profile_path)
+                if p is not None] + self._forget_files
 
     def calibrated(self, concept_id: str) -> CalibratedConcept | None:
         """The applied calibration's entry for a concept (None: uncalibrated, or loaded without calibration)."""
@@ -490,8 +623,9 @@ def _format_path(path: tuple[Any, ...]) -> str:
 def _all_field_names() -> set[str]:
     names: set[str] = set()
     for model in (Policy, PolicyTests, Defaults, Concept, Action, DetectionSettings, MethodSettings, TokenPenaltySettings,
-                  SemanticSurgerySettings, VisualFeedbackSettings, AdaVDSettings, UCESettings, CertifySettings, Models, Calibration,
-                  CalibratedConcept, ImageCalibration, ImageModelCalibration, ImageCalibratedConcept):
+                  SemanticSurgerySettings, VisualFeedbackSettings, AdaVDSettings, UCESettings, CertifySettings, Models,
+                  Calibration, CalibratedConcept, ImageCalibration, ImageModelCalibration, ImageCalibratedConcept,
+                  ForgetPair, ForgetFile, Profile, ProfileConcept, ProfileAnswer):
         for name, info in model.model_fields.items():
             names.add(info.alias or name)
     return names
@@ -516,7 +650,8 @@ def _validation_error(source: _Source, err: ValidationError, base: tuple[Any, ..
     # An unknown (often misspelled) key explains the other errors of its mapping, so report it first.
     first = min(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
     # Unions and tagged models add their class names to the location; keep only data keys/indices.
-    loc = tuple(part for part in first["loc"] if isinstance(part, int) or not str(part)[:1].isupper())
+    loc = tuple(part for part in first["loc"]
+                if isinstance(part, int) or not (str(part)[:1].isupper() or str(part).startswith("forget-")))
     return source.error(base + loc, _message(first))
 
 
@@ -535,13 +670,13 @@ _RawConcept = tuple[dict[str, Any], _Source, int]
 _CalibrationRef = tuple[str, _Source]  # the path as written, and the file that wrote it (its base and line)
 
 
-_CALIBRATION_KEYS = ("calibration", "image_calibration")
+_REFERENCED = ("calibration", "image_calibration", "profile")  # files a policy names, resolved against the file that names them
 
 
 def _resolve_file(path: Path, stack: tuple[Path, ...]
                   ) -> tuple[dict[str, Any], list[_RawConcept], dict[str, _CalibrationRef]]:
-    """Return (raw top-level data with composed defaults, [(raw concept, its source, its index)], calibration
-    references by key)."""
+    """Return (raw top-level data with composed defaults, [(raw concept, its source, its index)], referenced files
+    by field: calibration, image calibration and profile, each with the file that names it)."""
     path = path.resolve()
     if path in stack:
         chain = " -> ".join(p.name for p in stack + (path,))
@@ -558,14 +693,14 @@ def _resolve_file(path: Path, stack: tuple[Path, ...]
     models: dict[str, Any] = {}
     certify: dict[str, Any] | None = None
     image_action: str | None = None
-    calibrations: dict[str, _CalibrationRef] = {}
+    references: dict[str, _CalibrationRef] = {}
     concepts: dict[str, _RawConcept] = {}
     for i, include in enumerate(extends):
         include_path = (path.parent / include)
         if not include_path.exists():
             raise source.error(("extends", i), f"included file '{include}' not found")
-        parent, parent_concepts, parent_calibrations = _resolve_file(include_path, stack + (path,))
-        calibrations.update(parent_calibrations)
+        parent, parent_concepts, parent_references = _resolve_file(include_path, stack + (path,))
+        references.update(parent_references)
         defaults = _deep_merge(defaults, parent.get("defaults", {}))
         models = _deep_merge(models, parent.get("models", {}))
         certify = parent.get("certify", certify)
@@ -583,9 +718,9 @@ def _resolve_file(path: Path, stack: tuple[Path, ...]
     models = _deep_merge(models, data.get("models") or {})
     if "certify" in data:
         certify = data["certify"]
-    for key in _CALIBRATION_KEYS:
-        if data.get(key) is not None:
-            calibrations[key] = (data[key], source)
+    for field in _REFERENCED:
+        if data.get(field) is not None:
+            references[field] = (data[field], source)
 
     raw_concepts = data.get("concepts", [])
     if not isinstance(raw_concepts, list):
@@ -604,31 +739,35 @@ def _resolve_file(path: Path, stack: tuple[Path, ...]
         resolved["certify"] = certify
     if "image_action" not in data and image_action is not None:
         resolved["image_action"] = image_action
-    for key, (written, _) in calibrations.items():
-        resolved[key] = written
-    return resolved, list(concepts.values()), calibrations
+    for field, (written, _) in references.items():
+        resolved[field] = written
+    return resolved, list(concepts.values()), references
 
 
-def load_policy(path: str | Path, apply_calibration: bool = True) -> Policy:
+def load_policy(path: str | Path, apply_calibration: bool = True, apply_profile: bool = True) -> Policy:
     """Load, compose and validate a policy file; raise :class:`PolicyError` on any problem.
 
     ``apply_calibration=False`` keeps the policy's own thresholds and skips checking the calibration file
-    (``guard policy calibrate`` must be able to replace a stale one).
+    (``guard policy calibrate`` must be able to replace a stale one); ``apply_profile=False`` likewise skips the
+    profile (``guard policy expand`` redraws it).
     """
     path = Path(path)
-    top, raw_concepts, calibrations = _resolve_file(path, ())
+    top, raw_concepts, references = _resolve_file(path, ())
     source = _Source(path.resolve())
     defaults_raw = top.get("defaults", {})
     concepts: list[Concept] = []
+    forget_files: list[Path] = []
     for raw, src, index in raw_concepts:
         merged = dict(raw)
         for key in _CONCEPT_INHERITED:
             if isinstance(raw.get(key, {}), dict):
                 merged[key] = _deep_merge(defaults_raw.get(key, {}), raw.get(key, {}))
         try:
-            concepts.append(Concept.model_validate(merged))
+            concept = Concept.model_validate(merged)
         except ValidationError as err:
             raise _validation_error(src, err, base=("concepts", index)) from None
+        concept._forget_entries = _forget_entries(concept, src, index, forget_files)
+        concepts.append(concept)
     top = {**top, "concepts": []}
     try:
         policy = Policy.model_validate(top)
@@ -647,17 +786,48 @@ def load_policy(path: str | Path, apply_calibration: bool = True) -> Policy:
         c.id: frozenset(name for method, name in (("semantic_surgery", "threshold"), ("adavd", "b"))
                         if name in ((raw.get("methods") or {}).get(method) or {}))
         for c, (raw, _, _) in zip(concepts, raw_concepts) if isinstance(raw.get("methods"), dict)}
-    if "calibration" in calibrations:
-        written, declared_in = calibrations["calibration"]
+    policy._forget_files = forget_files
+    if "calibration" in references:
+        written, declared_in = references["calibration"]
         policy._calibration_path = (declared_in.path.parent / written).resolve()
         if apply_calibration:
             _apply_calibration(policy, policy._calibration_path, declared_in, raw_concepts)
-    if "image_calibration" in calibrations:
-        written, declared_in = calibrations["image_calibration"]
+    if "image_calibration" in references:
+        written, declared_in = references["image_calibration"]
         policy._image_calibration_path = (declared_in.path.parent / written).resolve()
         if apply_calibration:
             _apply_image_calibration(policy, policy._image_calibration_path, declared_in, raw_concepts)
+    if "profile" in references:
+        written, declared_in = references["profile"]
+        policy._profile_path = (declared_in.path.parent / written).resolve()
+        if apply_profile:
+            _apply_profile(policy, policy._profile_path, declared_in, raw_concepts)
     return policy
+
+
+def _forget_entries(concept: Concept, source: _Source, index: int, read: list[Path]) -> list[ForgetEntry]:
+    """The concept's forget items as entries; ``{file: ...}`` is read now (relative to the file that names it)."""
+    entries: list[ForgetEntry] = []
+    for j, item in enumerate(concept.forget):
+        if isinstance(item, str):
+            entries.append(ForgetEntry(" ".join(item.split())))
+        elif isinstance(item, ForgetPair):
+            entries.append(ForgetEntry(" ".join(item.answer.split()), " ".join(item.question.split())))
+        else:
+            where = ("concepts", index, "forget", j, "file")
+            target = (source.path.parent / item.file).resolve()
+            try:
+                text = target.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                raise source.error(where, f"forget file '{item.file}' not found") from None
+            except (OSError, UnicodeDecodeError) as err:
+                raise source.error(where, f"cannot read forget file '{item.file}' ({err})") from None
+            passages = [" ".join(block.split()) for block in text.split("\n\n") if block.strip()]
+            if not passages:
+                raise source.error(where, f"forget file '{item.file}' holds no text")
+            entries.extend(ForgetEntry(passage, None, "file") for passage in passages)
+            read.append(target)
+    return entries
 
 
 @dataclass(frozen=True)
@@ -693,13 +863,13 @@ def load_policy_map(path: str | Path) -> list[PolicyBinding]:
 def load_inline_policy(text: str) -> Policy:
     """A policy sent as YAML text rather than read from a file (``/v1/guard/checks``' ``policy``).
 
-    It has no folder, so ``extends`` and ``calibration`` are refused; errors carry the line within ``text``.
+    It has no folder, so ``extends`` and the files a policy references are refused; errors carry the line within ``text``.
     """
     with tempfile.TemporaryDirectory(prefix="inline-policy-") as folder:
         path = Path(folder) / "policy.yaml"
         path.write_text(text, encoding="utf-8")
         source = _Source(path)
-        for key in ("extends", "calibration"):
+        for key in ("extends", *_REFERENCED):
             if key in source.data:
                 raise source.error((key,), "an inline policy has no folder to read other files from")
         return load_policy(path)
@@ -775,6 +945,45 @@ def _apply_image_calibration(policy: Policy, path: Path, declared_in: _Source,
         _check_digests(policy, entry.concepts, ("models", fingerprint, "concepts"), path, source, raw_concepts,
                        rerun.replace("DIR", entry.model))
     policy._image_calibration = calibration
+
+
+def load_profile(path: Path) -> Profile:
+    """Read and validate a profile file; errors name its file and line like policy errors."""
+    source = _Source(path, shape="a profile file must be a mapping written by `guard policy expand`")
+    try:
+        return Profile.model_validate(source.data)
+    except ValidationError as err:
+        raise _validation_error(source, err) from None
+
+
+def save_profile(profile: Profile, path: Path) -> None:
+    header = ("# Written by `guard policy expand`: the served model's own answers about each concept and the distinctive\n"
+              "# terms drawn from them. Review and edit `terms` freely; the digests say what each entry was drawn from\n"
+              "# (a concept edited since fails to load until the profile is redrawn).\n")
+    body = yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=110)
+    path.write_text(header + body, encoding="utf-8")
+
+
+def _apply_profile(policy: Policy, path: Path, declared_in: _Source, raw_concepts: list[_RawConcept]) -> None:
+    """Attach each concept's profile; refuse one drawn from a concept that has changed since (stale terms could
+    miss what the edited concept now covers)."""
+    rerun = f"run `guard policy expand {declared_in.path.name} --model MODEL`"
+    if not path.is_file():
+        raise declared_in.error(("profile",), f"profile file '{path}' not found ({rerun})")
+    source = _Source(path, shape="a profile file must be a mapping written by `guard policy expand`")
+    try:
+        profile = Profile.model_validate(source.data)
+    except ValidationError as err:
+        raise _validation_error(source, err) from None
+    by_id = {concept.id: (concept, raw) for concept, raw in zip(policy.concepts, raw_concepts)}
+    for concept_id, entry in profile.concepts.items():
+        if concept_id not in by_id:
+            raise source.error(("concepts", concept_id), f"profiled concept '{concept_id}' is not in the policy ({rerun})")
+        concept, (_, concept_source, index) = by_id[concept_id]
+        if entry.digest != profile_digest(concept):
+            raise concept_source.error(("concepts", index), f"concept '{concept_id}' changed since its profile was "
+                                                            f"drawn in '{path.name}' ({rerun})")
+        concept._profile = entry
 
 
 def policy_json_schema() -> dict[str, Any]:

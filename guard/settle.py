@@ -149,9 +149,10 @@ class GenerationResult:
         return sum(choice.completion_tokens for choice in self.choices)
 
 
-def penalty_row(concept_ids: Sequence[str], strength: float = 1.0) -> PenaltyRow | None:
-    """The decode plan of a text attempt: which concepts' token penalties apply, how strongly (None: none)."""
-    return PenaltyRow(tuple(concept_ids), strength) if concept_ids else None
+def penalty_row(concept_ids: Sequence[str], strength: float = 1.0, terms: Sequence[str] = ()) -> PenaltyRow | None:
+    """The decode plan of a text attempt: which concepts' token penalties apply, how strongly, and the request's
+    forbidden terms (None: none)."""
+    return PenaltyRow(tuple(concept_ids), strength, tuple(terms)) if concept_ids else None
 
 
 def text_judge(guard: Guard, decision_of: Callable[[int], PromptDecision]
@@ -178,7 +179,8 @@ def text_judge(guard: Guard, decision_of: Callable[[int], PromptDecision]
             message = ""
             if checked.action is not OutputAction.send:
                 message = checked.message or guard.refusal_message(checked.verdict.flagged or decision.penalized)
-            steps.append(Step(checked.action, checked, penalty_row(checked.penalized, checked.strength), message))
+            steps.append(Step(checked.action, checked, penalty_row(checked.penalized, checked.strength, checked.terms),
+                              message))
         return steps
 
     return judge

@@ -125,14 +125,12 @@ class GuardState:
             raise failures[0].error(len(failures) - 1)
 
     def watched_paths(self) -> list[Path]:
-        """The policy's folder and the folders of the files it extends and of its calibrations (edits there change
-        the policy)."""
+        """The policy's folder and the folders of the files it extends and references (calibration, profile, forget
+        files): edits there change the policy."""
         folders = {self.policy_path.resolve().parent}
         for include in self.guard.policy.extends:
             folders.add((self.policy_path.parent / include).resolve().parent)
-        for calibration in (self.guard.policy.calibration_path, self.guard.policy.image_calibration_path):
-            if calibration is not None:
-                folders.add(calibration.parent)
+        folders.update(path.parent for path in self.guard.policy.referenced_files)
         return sorted(folders)
 
     async def watch(self) -> None:
@@ -140,7 +138,8 @@ class GuardState:
         from watchfiles import awatch
 
         def relevant(_change: object, path: str) -> bool:
-            return path.endswith((".yaml", ".yml"))
+            referenced = {str(p) for p in self.guard.policy.referenced_files}
+            return path.endswith((".yaml", ".yml")) or str(Path(path).resolve()) in referenced
 
         async for _changes in awatch(*self.watched_paths(), watch_filter=relevant, debounce=300, step=50):
             await self.reload()

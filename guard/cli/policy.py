@@ -1,9 +1,11 @@
-"""``guard policy check | explain | calibrate | schema``: validate, inspect and calibrate policy files."""
+"""``guard policy check | explain | calibrate | expand | schema``: validate, inspect, calibrate and profile policies."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -24,8 +26,10 @@ from guard.policy import (
     Policy,
     load_calibration,
     load_policy,
+    load_profile,
     policy_json_schema,
     save_calibration,
+    save_profile,
 )
 
 PolicyFile = Annotated[Path, typer.Argument(help="Policy YAML file.", show_default=False)]
@@ -117,6 +121,32 @@ def explain(file: PolicyFile,
     console.print(table)
     flagged = result.flagged_ids
     console.print(f"flagged: {', '.join(flagged)}" if flagged else "flagged: none")
+    _explain_knowledge(policy, classifier, prompt, flagged)
+
+
+def _explain_knowledge(policy: Policy, classifier: PolicyClassifier, prompt: str, flagged: list[str]) -> None:
+    """For flagged concepts with a profile or forget store: the profile's terms and what retrieval would block."""
+    from detectors.forget import ForgetRetriever
+    from guard.methods.token_penalty.tables import forbidden_strings
+
+    known = [policy.concept(cid) for cid in flagged if policy.concept(cid).forget_entries]
+    if not known:
+        return
+    try:
+        retriever = ForgetRetriever(policy, classifier.encoder)
+        retrieved = retriever.retrieve([prompt], [c.id for c in known])
+        terms = retriever.terms([prompt], [c.id for c in known])
+    except DetectorError as err:
+        raise fail(str(err)) from None
+    for concept in known:
+        source = f" (profile {policy.profile_path.name})" if concept.profile_terms and policy.profile_path else ""
+        console.print(f"[bold]{escape(concept.id)}[/]: always blocked when penalised{escape(source)}: "
+                      f"{escape(', '.join(forbidden_strings(concept)))}", highlight=False, soft_wrap=True)
+        for entry in retrieved.get(concept.id, []):
+            console.print(f"  closest forget entry ({entry.source}): {escape(entry.text)}", highlight=False,
+                          soft_wrap=True)
+    console.print(f"blocked for this request (forget-store n-grams): {escape(', '.join(terms)) or 'none'}",
+                  highlight=False, soft_wrap=True)
 
 
 def calibrate(
@@ -220,6 +250,81 @@ def _calibrate_images(file: Path, image_model: str, target_fpr: float, out: Path
         errors.print(f"[yellow]warning:[/] dropped the stale calibrations of {', '.join(dropped)} (concepts changed "
                      "since): calibrate those models again", highlight=False, soft_wrap=True)
     _saved(file, target, policy.image_calibration_path, "image_calibration")
+
+
+def expand(
+    file: PolicyFile,
+    model: Annotated[str, typer.Option(help="The served model, unguarded: embedded:smollm2 or a local folder.")],
+    concept: Annotated[list[str] | None, typer.Option(
+        help="Concept to profile (repeatable; default: every steered concept).", show_default=False)] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 48,
+    batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 8,
+    benign: Annotated[int, typer.Option(help="Benign prompts whose answers the terms are contrasted with.")] = 48,
+) -> None:
+    """Draw concept profiles from the model itself: ask it the concepts' exemplars and templated probes, keep its
+    answers and their distinctive terms, and write a content-addressed profile file that the policy references."""
+    from guard.models import load_language_model
+    from guard.text.profile import draw_profile, probe_prompts, profiled_concepts
+
+    try:
+        policy = load_policy(file, apply_profile=False)  # a stale profile is what this replaces
+        concepts = profiled_concepts(policy, concept or ())
+    except PolicyError as err:
+        raise fail(str(err)) from None
+    except KeyError as err:
+        raise fail(f"concept {err} is not in {file}") from None
+    if not concepts:
+        raise fail(f"{file} has no steered concept to profile (name one with --concept)")
+    try:
+        language_model, tokenizer = load_language_model(model)
+        columns = (TextColumn("asking the model"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=errors, transient=True) as progress:
+            task = progress.add_task("expand", total=sum(len(probe_prompts(c)) for c in concepts) + benign)
+            profile = draw_profile(policy, language_model, tokenizer, model, concepts, max_new_tokens, batch_size,
+                                   benign, on_step=lambda done, total: progress.update(task, completed=done, total=total))
+    except (ModelError, DetectorError, ValueError) as err:
+        raise fail(str(err)) from None
+    previous = policy.profile_path
+    if previous is not None and previous.is_file():  # concepts not redrawn keep their reviewed entries
+        try:
+            kept = load_profile(previous).concepts
+        except PolicyError:
+            kept = {}
+        profile.concepts = {**{k: v for k, v in kept.items() if k in {c.id for c in policy.concepts}},
+                            **profile.concepts}
+    staging = file.with_name(f".{file.stem}.profile.yaml")
+    save_profile(profile, staging)
+    digest = hashlib.sha256(staging.read_bytes()).hexdigest()[:12]
+    target = file.with_name(f"{file.stem}.profile-{digest}.yaml")
+    staging.replace(target)
+    _reference_profile(file, target.name)
+    try:
+        load_policy(file)
+    except PolicyError as err:
+        raise fail(str(err)) from None
+    table = Table(title=f"profiles drawn from {model}")
+    table.add_column("concept", no_wrap=True)
+    table.add_column("answers", justify="right")
+    table.add_column("terms")
+    for concept_id, entry in profile.concepts.items():
+        table.add_row(concept_id, str(len(entry.answers)), escape(", ".join(entry.terms[:12]) +
+                                                                  (" ..." if len(entry.terms) > 12 else "")))
+    console.print(table)
+    console.print(f"wrote {target} (review and edit its terms); {file} references it with `profile: {target.name}`"
+                  + (f"; the previous profile {previous.name} can be deleted once reviewed"
+                     if previous is not None and previous != target.resolve() else ""),
+                  highlight=False, soft_wrap=True)
+
+
+def _reference_profile(file: Path, name: str) -> None:
+    """Point the policy's top-level ``profile:`` at ``name``, editing that one line (comments stay as written)."""
+    text = file.read_text(encoding="utf-8")
+    line = f"profile: {name}"
+    if re.search(r"^profile:.*$", text, flags=re.MULTILINE):
+        text = re.sub(r"^profile:.*$", line, text, count=1, flags=re.MULTILINE)
+    else:
+        text = text.rstrip("\n") + f"\n\n# Concept profiles drawn by `guard policy expand` (review the terms).\n{line}\n"
+    file.write_text(text, encoding="utf-8")
 
 
 def schema(out: Annotated[Path, typer.Option(help="Where to write the JSON schema.")] = Path(
