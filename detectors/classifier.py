@@ -22,6 +22,7 @@ from guard.errors import DetectorError, ModelError
 from guard.models import load_sentence_encoder
 from guard.policy import Policy
 
+QUERY_CACHE_SIZE = 4096  # request pieces remembered (~6 MB of vectors)
 ALIAS_VETO_SIMILARITY = 0.7  # a message this close to an alias-naming negative is that negative, reworded
 
 
@@ -52,13 +53,16 @@ class PolicyClassifier(Detector):
         """``exemplar_vectors``: precomputed unit embeddings of exemplar texts (e.g. a large concept library
         embedded offline), so start-up does not re-encode them; anything missing is encoded.
         ``query_cache``: embed requests through this shared cache (erase-and-check: every detector of a
-        certifier reads each erased version's vectors from one forward pass per batch)."""
+        certifier reads each erased version's vectors from one forward pass per batch); by default a cache of
+        this classifier's own."""
         self.policy = policy
         try:
             self.encoder = load_sentence_encoder(policy.models.embedding)
         except ModelError as err:
             raise DetectorError(str(err)) from err
-        self.query_cache = query_cache
+        # Requests are embedded piece by piece through an LRU cache: a chat's earlier turns, a stream's finished
+        # sentences and repeated prompts cost nothing the second time.
+        self.query_cache = query_cache if query_cache is not None else CachedEncoder(self.encoder, QUERY_CACHE_SIZE)
         thresholds = {c.id: c.detection.semantic_threshold for c in policy.concepts}
         self.aliases = AliasDetector({c.id: c.aliases for c in policy.concepts if c.detection.aliases}, thresholds)
         # The description is a positive exemplar too: a concept defined only by name and description still works.
@@ -70,7 +74,7 @@ class PolicyClassifier(Detector):
             {c.id: c.detection.negative_margin for c in policy.concepts},
             show_progress=show_progress,
             vectors=exemplar_vectors,
-            query_encoder=query_cache,
+            query_encoder=self.query_cache,
         )
         # (concept, alias) -> the concept's negatives that name that alias: embeddings, and how often each names it.
         self._alias_negatives: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
@@ -90,9 +94,8 @@ class PolicyClassifier(Detector):
             return self._detect(texts)
 
     def detect_each(self, texts: Sequence[str]) -> list[Classification]:
-        if self.query_cache is not None:  # one forward pass for the batch; each text then reads the cache
-            with _fail_closed():
-                self.query_cache.encode([piece.text for text in texts for piece in split_pieces([text])])
+        with _fail_closed():  # one forward pass for the batch; each text then reads the cache
+            self.query_cache.encode([piece.text for text in texts for piece in split_pieces([text])])
         return [self.detect([text]) for text in texts]
 
     def _detect(self, texts: Sequence[str]) -> Classification:

@@ -24,9 +24,11 @@ import hashlib
 import itertools
 import math
 import random
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -253,7 +255,9 @@ class EraseAndCheck:
 
     def __init__(self, filter: Detector, tokenizer: Tokenizer, mode: Mode = "suffix", max_erase: int = 10,
                  max_insertions: int = 1, variant: Variant = "exact", sample_fraction: float = 0.2, seed: int = 0,
-                 batch_size: int = 128):
+                 batch_size: int = 128, cache_size: int = 4096):
+        """``cache_size`` certificates are remembered by prompt hash (a verdict depends only on the prompt and these
+        fixed settings), so a repeated prompt (a chat's earlier turns, retries) costs one lookup; 0 disables it."""
         if mode not in MODES:
             raise CertifyError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
         if variant not in VARIANTS:
@@ -274,6 +278,9 @@ class EraseAndCheck:
         self.sample_fraction = sample_fraction
         self.seed = seed
         self.batch_size = batch_size
+        self.cache_size = cache_size
+        self._certificates: OrderedDict[str, Certificate] = OrderedDict()  # by prompt hash, most recent last
+        self._lock = threading.Lock()
 
     @classmethod
     def from_policy(cls, policy: Policy, mode: Mode | None = None, max_erase: int | None = None,
@@ -314,7 +321,30 @@ class EraseAndCheck:
         return [versions[0], *sorted(sampled, key=lambda version: version[1])]
 
     def certify(self, prompt: str) -> Certificate:
+        """The certificate of ``prompt``; a prompt certified before returns its remembered verdict (``elapsed_s``
+        is then the lookup's time)."""
         started = time.perf_counter()
+        key = hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()
+        with self._lock:
+            known = self._certificates.get(key)
+            if known is not None:
+                self._certificates.move_to_end(key)
+        if known is not None:
+            return replace(known, elapsed_s=time.perf_counter() - started)
+        certificate = self._certify(prompt, started)
+        if self.cache_size:
+            with self._lock:
+                self._certificates[key] = certificate
+                while len(self._certificates) > self.cache_size:
+                    self._certificates.popitem(last=False)
+        return certificate
+
+    def clear_cache(self) -> None:
+        """Forget remembered certificates (benchmarks of fresh prompts)."""
+        with self._lock:
+            self._certificates.clear()
+
+    def _certify(self, prompt: str, started: float) -> Certificate:
         tokenized = self.tokenize(prompt)
         if self.variant == "greedy":
             return self._greedy(tokenized, started)

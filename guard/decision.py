@@ -13,6 +13,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from detectors.alias import AliasAutomaton
 from detectors.base import Classification
 from detectors.classifier import PolicyClassifier
 from detectors.fuzzy import FuzzyAliasDetector
@@ -78,6 +79,7 @@ class Guard:
         # Near-miss names count as naming a steered concept in the output check only (never in the prompt check).
         tokenizer = getattr(self.classifier.encoder, "tokenizer", None)  # its whole words are the common words
         vocabulary = tokenizer.get_vocab() if tokenizer is not None else {}
+        self.alias_automaton = AliasAutomaton(self.classifier.aliases)  # streams: where an alias may be under way
         self.near_misses = FuzzyAliasDetector(
             {c.id: c.aliases for c in policy.concepts if c.action.type is ActionType.steer and c.detection.aliases},
             common_words=[word for word in vocabulary if word.isalpha()])
