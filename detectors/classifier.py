@@ -7,7 +7,7 @@ detector surfaces as :class:`DetectorError` so callers can refuse the request (f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Mapping, Sequence
 
@@ -89,9 +89,25 @@ class PolicyClassifier(Detector):
                 self._alias_negatives[concept.id, alias] = (np.stack([v for v, _ in found]),
                                                             np.array([n for _, n in found]))
 
-    def detect(self, texts: Sequence[str]) -> Classification:
+    def detect(self, texts: Sequence[str], stop_on: Collection[str] = ()) -> Classification:
+        """Every concept's evidence; with ``stop_on``, an alias of one of those concepts that no negative can
+        veto ends the check at once (the caller refuses on it whatever else matches), before any embedding."""
         with _fail_closed():
+            if stop_on and (certain := self._certain_alias_scores(texts, stop_on)):
+                return Classification(certain)
             return self._detect(texts)
+
+    def _certain_alias_scores(self, texts: Sequence[str], concept_ids: Collection[str]) -> list[ConceptScore]:
+        scores: dict[str, ConceptScore] = {}
+        for source, text in enumerate(texts):
+            for hit in self.aliases.find(text):
+                if (hit.concept_id in concept_ids and hit.concept_id not in scores
+                        and (hit.concept_id, hit.alias) not in self._alias_negatives):
+                    scores[hit.concept_id] = ConceptScore(
+                        concept_id=hit.concept_id, score=1.0, threshold=self.aliases.threshold(hit.concept_id),
+                        flagged=True, detector=self.aliases.name,
+                        evidence=f"alias '{hit.alias}' matched '{hit.matched}' in message {source}")
+        return list(scores.values())
 
     def detect_each(self, texts: Sequence[str]) -> list[Classification]:
         with _fail_closed():  # one forward pass for the batch; each text then reads the cache

@@ -72,6 +72,7 @@ class Guard:
             self.classifier = PolicyClassifier(policy, show_progress=show_progress)
         except DetectorError as err:
             raise GuardUnavailable(str(err)) from err
+        self._refused = frozenset(c.id for c in policy.concepts if c.action.type is ActionType.refuse)
         self._penalties: dict[int, "TokenPenalties"] = {}
         self._penalties_lock = threading.Lock()
         self.always_penalized = [c.id for c in policy.concepts
@@ -92,9 +93,12 @@ class Guard:
     def concept_ids(self) -> list[str]:
         return [c.id for c in self.policy.concepts]
 
-    def classify(self, texts: Sequence[str]) -> Verdict:
+    def classify(self, texts: Sequence[str], stop_on_refusal: bool = False) -> Verdict:
+        """The verdict on ``texts``; with ``stop_on_refusal`` an alias of a refused concept that nothing can veto
+        decides at once (early exit: the request is refused whatever else it touches, so the verdict then lists
+        the alias-named refused concepts only)."""
         try:
-            classification = self.classifier.detect(texts)
+            classification = self.classifier.detect(texts, self._refused if stop_on_refusal else ())
         except DetectorError as err:
             raise GuardUnavailable(str(err)) from err
         refused, steered, logged = [], [], []
@@ -108,7 +112,7 @@ class Guard:
 
     def check_prompt(self, texts: Sequence[str]) -> PromptDecision:
         """Raise :class:`ConceptRefused` for refused concepts; otherwise say which concepts to erase."""
-        verdict = self.classify(texts)
+        verdict = self.classify(texts, stop_on_refusal=True)
         if verdict.refused:
             raise ConceptRefused(verdict.refused, self.refusal_message(verdict.refused))
         return self.prompt_decision(verdict)
@@ -130,7 +134,7 @@ class Guard:
         When regenerations are used up and every leaked concept is steered with an ``action.fallback``, the
         choice is answered with the first leaked concept's fallback; otherwise it is blocked.
         """
-        verdict = self.classify([text])
+        verdict = self.classify([text], stop_on_refusal=True)
         try:
             near = self.near_misses.detect([text])
         except Exception as err:  # noqa: BLE001 - any matcher failure must fail closed, like the classifier's
