@@ -157,6 +157,7 @@ def load_sentence_encoder(reference: str) -> "SentenceTransformer | OnnxSentence
 
 
 ENCODER_BACKEND_VARIABLE = "ERASURE_GUARD_ENCODER"
+PADDING_WASTE, PADDING_SLACK = 0.3, 64  # see OnnxSentenceEncoder._batches
 ONNX_EXPORT_VERSION = 1  # bump when the exported graph changes, so cached exports are rebuilt
 # The export must reproduce the torch encoder: the worst cosine between the two on these probes.
 ONNX_MIN_AGREEMENT = 0.99999
@@ -214,6 +215,26 @@ class OnnxSentenceEncoder:
     def get_embedding_dimension(self) -> int:
         return self._dimension
 
+    def _batches(self, texts: list[str], batch_size: int) -> list[list[int]]:
+        """Rows grouped longest first, a new batch whenever padding to the batch's longest text would waste more
+        than ``PADDING_WASTE`` of the work (and at least ``PADDING_SLACK`` tokens): ONNX Runtime computes every
+        padded position, and a whole answer embedded beside its short sentences would mostly compute padding."""
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation="longest_first",
+                                                      max_length=self.max_seq_length)["input_ids"]] if texts else []
+        batches: list[list[int]] = []
+        real = 0
+        for row in sorted(range(len(texts)), key=lambda i: -lengths[i]):
+            if batches and len(batches[-1]) < batch_size:
+                longest = lengths[batches[-1][0]]
+                waste = longest * (len(batches[-1]) + 1) - (real + lengths[row])
+                if waste <= max(PADDING_WASTE * (real + lengths[row]), PADDING_SLACK):
+                    batches[-1].append(row)
+                    real += lengths[row]
+                    continue
+            batches.append([row])
+            real = lengths[row]
+        return batches
+
     def encode(self, sentences: "Sequence[str]", batch_size: int = 64, convert_to_numpy: bool = True,
                normalize_embeddings: bool = True, show_progress_bar: bool = False) -> "np.ndarray":
         """One unit vector per sentence (float32), batched by length like ``SentenceTransformer.encode``."""
@@ -224,10 +245,8 @@ class OnnxSentenceEncoder:
             raise ValueError("the ONNX sentence encoder returns numpy arrays only")
         texts = [str(sentence).strip() for sentence in sentences]
         output = np.zeros((len(texts), self._dimension), np.float32)
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # similar lengths pad little
-        starts = range(0, len(order), max(1, batch_size))
-        for start in tqdm(starts, desc="embedding", disable=not show_progress_bar or len(starts) < 2):
-            rows = order[start:start + batch_size]
+        batches = self._batches(texts, max(1, batch_size))
+        for rows in tqdm(batches, desc="embedding", disable=not show_progress_bar or len(batches) < 2):
             tokens = self.tokenizer([texts[i] for i in rows], padding=True, truncation="longest_first",
                                     max_length=self.max_seq_length, return_tensors="np")
             feeds = {name: tokens[name].astype(np.int64) for name in ("input_ids", "attention_mask", "token_type_ids")}
