@@ -473,12 +473,12 @@ def ratio_table(report: dict[str, Any]) -> Table:
                       f"{passing['guard_checks_p99_ratio_to_bare']:.3f}x")
     streams = report["stream"]
     if streams.get("run", True):
-        table.add_row("stream: first visible text ms (fresh prompt, certified)", f"{streams['first_text_ms']['bare']:.0f}",
-                      f"{streams['first_text_ms']['guarded']:.0f}", f"{streams['first_text_ratio']:.2f}x")
-        table.add_row("stream: gap between text chunks, p99 ms", f"{streams['gap_ms_p99']['bare']:.0f}",
-                      f"{streams['gap_ms_p99']['guarded']:.0f}", f"{streams['gap_p99_ratio']:.2f}x")
-        table.add_row("stream: tokens/s, start to end", f"{streams['tokens_per_s']['bare']:.1f}",
-                      f"{streams['tokens_per_s']['guarded']:.1f}", f"{streams['tokens_per_s_ratio']:.2f}x")
+        for label, values, ratio in (("stream: first visible text ms (fresh prompt, certified)", "first_text_ms",
+                                      "first_text_ratio"),
+                                     ("stream: gap between text chunks, p99 ms", "gap_ms_p99", "gap_p99_ratio"),
+                                     ("stream: tokens/s, start to end", "tokens_per_s", "tokens_per_s_ratio")):
+            table.add_row(label, f"{streams[values]['bare']:.1f}", f"{streams[values]['guarded']:.1f}",
+                          f"{streams[ratio]:.2f}x")
     classify = report["classify"]
     if classify.get("run", True):
         first = classify["results"][0]
