@@ -317,7 +317,7 @@ async def _guarded_stream(guard: Guard, certifier: EraseAndCheck, model: Any, to
 
 
 def stream_section(guard: Guard, policy: Policy, model: Any, tokenizer: Any, profile: dict[str, Any]) -> dict[str, Any]:
-    certifier = EraseAndCheck.from_policy(refusal_policy(policy))
+    certifier = EraseAndCheck.from_policy(refusal_policy(policy), cache=guard.classifier.query_cache)  # as served
     _, passing, _ = pick_prompts(guard, 1, profile["passing"])
     settings = SamplingSettings(max_new_tokens=profile["max_tokens"], temperature=0)
     runs: dict[str, list[dict[str, Any]]] = {"bare": [], "guarded": []}

@@ -8,9 +8,8 @@ What each check guarantees (:class:`StreamCheck`):
   prefix), and an alias that may have been completed is judged by the full output check before anything more is
   sent. A forbidden name split over several deltas ("Eif" + "fel Tow" + "er") never leaves the server.
 * **Near misses** ("Dumbeldore") are checked as each word ends; the stream stops before the next text is sent.
-* **Meaning** (exemplars, the harmful-request semantics of refused concepts) is checked per finished sentence,
-  together with the sentence before it; the stream stops before any text after that sentence is sent (the
-  sentence itself may have been sent).
+* **Meaning** (exemplars, the harmful-request semantics of refused concepts) is checked per finished sentence;
+  the stream stops before any text after that sentence is sent (the sentence itself may have been sent).
 * **The whole answer** gets exactly the output check of a non-streamed answer before the held-back rest is
   sent, so a stream is never judged more leniently than the same answer unstreamed.
 
@@ -69,8 +68,8 @@ class StreamCheck:
       the text so far decides before anything more is released.
     * Near misses: every finished word (with the word before it) is compared with the steered concepts' aliases;
       a near miss is judged by the full output check.
-    * Meaning: every finished sentence (a run-on one every ``RUN_ON_UNIT_WORDS`` words), read together with the
-      sentence before it, goes through the output check before any text after it is released.
+    * Meaning: every finished sentence (a run-on one every ``RUN_ON_UNIT_WORDS`` words) goes through the output
+      check before any text after it is released; sentences read together are judged by the end's full check.
     * The end: the full output check of the whole answer, the same check a non-streamed answer gets, before the
       held-back rest is released.
     """
@@ -84,7 +83,6 @@ class StreamCheck:
         self._word_end = 0  # text[:_word_end] has been read for near misses
         self._previous_word = ""
         self._unit_start = 0  # the sentence under way starts here
-        self._previous_unit = ""
 
     @property
     def text(self) -> str:
@@ -126,8 +124,7 @@ class StreamCheck:
                 end = words[RUN_ON_UNIT_WORDS - 1].end()
                 unit, self._unit_start = self.text[self._unit_start:end].strip(), end
             if unit:
-                units.append((end, f"{self._previous_unit} {unit}".strip()))
-                self._previous_unit = unit
+                units.append((end, unit))
 
     def check(self, text: str) -> OutputDecision | None:
         """The output check of ``text`` (blocking: call from a worker thread); None when it may be sent."""
