@@ -14,7 +14,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from detectors.alias import AliasDetector
+from detectors.alias import AliasAutomaton, AliasDetector
 from detectors.base import Classification, ConceptScore
 from detectors.classifier import PolicyClassifier
 from detectors.forget import ForgetRetriever
@@ -79,6 +79,7 @@ class Guard:
             self.forget = ForgetRetriever(policy, self.classifier.encoder)
         except DetectorError as err:
             raise GuardUnavailable(str(err)) from err
+        self._refused = frozenset(c.id for c in policy.concepts if c.action.type is ActionType.refuse)
         self._penalties: dict[int, "TokenPenalties"] = {}
         self._penalties_lock = threading.Lock()
         self.always_penalized = [c.id for c in policy.concepts
@@ -86,6 +87,7 @@ class Guard:
         # Near-miss names count as naming a steered concept in the output check only (never in the prompt check).
         tokenizer = getattr(self.classifier.encoder, "tokenizer", None)  # its whole words are the common words
         vocabulary = tokenizer.get_vocab() if tokenizer is not None else {}
+        self.alias_automaton = AliasAutomaton(self.classifier.aliases)  # streams: where an alias may be under way
         steered = [c for c in policy.concepts if c.action.type is ActionType.steer and c.detection.aliases]
         self.near_misses = FuzzyAliasDetector({c.id: c.aliases for c in steered},
                                               common_words=[word for word in vocabulary if word.isalpha()])
@@ -104,9 +106,12 @@ class Guard:
     def concept_ids(self) -> list[str]:
         return [c.id for c in self.policy.concepts]
 
-    def classify(self, texts: Sequence[str]) -> Verdict:
+    def classify(self, texts: Sequence[str], stop_on_refusal: bool = False) -> Verdict:
+        """The verdict on ``texts``; with ``stop_on_refusal`` an alias of a refused concept that nothing can veto
+        decides at once (early exit: the request is refused whatever else it touches, so the verdict then lists
+        the alias-named refused concepts only)."""
         try:
-            classification = self.classifier.detect(texts)
+            classification = self.classifier.detect(texts, self._refused if stop_on_refusal else ())
         except DetectorError as err:
             raise GuardUnavailable(str(err)) from err
         refused, steered, logged = [], [], []
@@ -121,7 +126,7 @@ class Guard:
     def check_prompt(self, texts: Sequence[str]) -> PromptDecision:
         """Raise :class:`ConceptRefused` for refused concepts; otherwise say which concepts to erase."""
         started = time.perf_counter()
-        verdict = self.classify(texts)
+        verdict = self.classify(texts, stop_on_refusal=True)
         ms = (time.perf_counter() - started) * 1000
         if verdict.refused:
             raise ConceptRefused(verdict.refused, self.refusal_message(verdict.refused), ms=ms)
@@ -161,7 +166,7 @@ class Guard:
         return replace(decided, ms=(time.perf_counter() - started) * 1000)
 
     def _judge_output(self, text: str, decision: PromptDecision, attempt: int) -> OutputDecision:
-        verdict = self.classify([text])
+        verdict = self.classify([text], stop_on_refusal=True)
         try:
             near = self.near_misses.detect([text])
         except Exception as err:  # noqa: BLE001 - any matcher failure must fail closed, like the classifier's

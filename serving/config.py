@@ -35,8 +35,6 @@ class ServerSettings:
     max_n: int = 8
     batch_wait_ms: float = 5.0  # how long the transformers worker waits to batch concurrent requests
     max_batch_size: int = 8
-    stream_window_margin: int = 16  # characters held back beyond twice the longest alias
-    stream_check_interval: int = 24  # new characters between two output checks of a stream
     reload_policy: bool = True
     vllm_options: dict[str, object] = field(default_factory=dict)  # extra vllm AsyncEngineArgs
     image_model: str | None = None  # a local Stable Diffusion folder: serves /v1/images/generations
@@ -52,7 +50,7 @@ class ServerSettings:
             raise SettingsError("--upstream, --upstream-tokenizer and --upstream-api-key only apply to the "
                                 "upstream engine")
         for name in ("max_request_bytes", "max_checked_chars", "max_tokens_limit", "default_max_tokens", "max_n",
-                     "max_batch_size", "stream_check_interval", "max_queue"):
+                     "max_batch_size", "max_queue"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1")
         if self.upstream_timeout_s <= 0:
@@ -61,8 +59,8 @@ class ServerSettings:
             raise SettingsError("default_max_tokens cannot exceed max_tokens_limit")
         if self.vllm_options and self.engine != "vllm":
             raise SettingsError("--vllm-option only applies to the vllm engine")
-        if self.batch_wait_ms < 0 or self.stream_window_margin < 0:
-            raise SettingsError("batch_wait_ms and stream_window_margin cannot be negative")
+        if self.batch_wait_ms < 0:
+            raise SettingsError("batch_wait_ms cannot be negative")
         if self.image_nsfw_threshold is not None and self.image_model is None:
             raise SettingsError("--image-nsfw-threshold only applies with --image-model")
         if self.image_nsfw_threshold is not None and not 0.0 <= self.image_nsfw_threshold <= 1.0:

@@ -58,7 +58,9 @@ class ActiveGuard:
         plain = Guard(policy)
         check_policy_tests(plain)  # a policy that fails its own tests never becomes active
         guard = MeasuredGuard(plain, metrics)
-        certifier = EraseAndCheck.from_policy(refusal_policy(policy)) if policy.certify is not None else None
+        # One embedding cache for both: the prompt check then reads the vectors certification just computed.
+        certifier = (EraseAndCheck.from_policy(refusal_policy(policy), cache=plain.classifier.query_cache)
+                     if policy.certify is not None else None)
         return cls(guard, certifier)
 
 

@@ -42,7 +42,7 @@ from serving.guard_state import ActiveGuard, GuardState, KeyPolicies
 from serving.metrics import ServerMetrics
 from serving.protocol import OpenAIBaseModel, SamplingRequest
 from serving.reports import certificate_body, strongest, verdict_action
-from serving.streaming import ChunkWriter, guarded_events, window_size
+from serving.streaming import ChunkWriter, guarded_events
 
 logger = logging.getLogger("serving")
 
@@ -335,10 +335,8 @@ class TextServing(GuardedServing[SamplingRequestT]):
     def stream_response(self, guard: Guard, stream: EngineStream, writer: ChunkWriter, choices: int,
                         include_usage: bool, certificate: Mapping[str, str], trace: RequestTrace
                         ) -> StreamingResponse:
-        """The SSE answer of an open stream, its output checked through the sliding window."""
-        events = guarded_events(guard, stream, writer, choices,
-                                window_size(guard.policy, self.settings.stream_window_margin),
-                                self.settings.stream_check_interval, include_usage, self.metrics, self.count, trace)
+        """The SSE answer of an open stream, its output checked incrementally (:mod:`serving.streaming`)."""
+        events = guarded_events(guard, stream, writer, choices, include_usage, self.metrics, self.count, trace)
         headers = {**guard_headers(guard.policy, stream.decision.verdict.flagged), **certificate,
                    "cache-control": "no-cache"}
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)

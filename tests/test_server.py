@@ -244,8 +244,13 @@ def test_a_failing_guard_refuses_and_ends_streams_with_an_error(embedded_server:
     assert failed.value.status_code == 503 and failed.value.code == "guard_unavailable"
     assert "encoder crashed" in failed.value.message
 
-    calls.clear()
-    allowed_calls = 1  # the prompt check passes, the first output check of the stream fails
+    def crash_on_answers(sentences: list[str], *args: object, **kwargs: object) -> object:
+        if not all(sentence in TOWER_PROMPT for sentence in sentences):  # the prompt and its erased versions pass
+            raise RuntimeError("encoder crashed")
+        return working_encode(sentences, *args, **kwargs)
+
+    monkeypatch.setattr(encoder, "encode", crash_on_answers)
+    embedded_server.app.state.context.guard_state.guard.classifier.query_cache.clear()  # answers reach the encoder
     stream = embedded_server.client().chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": TOWER_PROMPT}], max_tokens=40, temperature=0,
         stream=True)
@@ -254,7 +259,9 @@ def test_a_failing_guard_refuses_and_ends_streams_with_an_error(embedded_server:
         for chunk in stream:
             received.append(chunk)
     assert "could not check" in broken.value.message
-    assert all(not (c.choices and c.choices[0].delta.content) for c in received)  # nothing unchecked got out
+    sent = "".join(c.choices[0].delta.content or "" for c in received if c.choices)
+    assert sent and not re.search(r"[.!?;]\s+\S", sent)  # nothing after a sentence whose meaning was not checked
+    assert TOWER_ANSWER.startswith(sent)  # and only what the alias scan allowed, in order
 
 
 def test_metrics_report_blocks_per_concept_and_guard_latency(embedded_server: RunningServer) -> None:
