@@ -949,9 +949,13 @@ def _apply_image_calibration(policy: Policy, path: Path, declared_in: _Source,
 
 def load_profile(path: Path) -> Profile:
     """Read and validate a profile file; errors name its file and line like policy errors."""
+    return _parse_profile(path)[0]
+
+
+def _parse_profile(path: Path) -> tuple[Profile, _Source]:
     source = _Source(path, shape="a profile file must be a mapping written by `guard policy expand`")
     try:
-        return Profile.model_validate(source.data)
+        return Profile.model_validate(source.data), source
     except ValidationError as err:
         raise _validation_error(source, err) from None
 
@@ -970,11 +974,7 @@ def _apply_profile(policy: Policy, path: Path, declared_in: _Source, raw_concept
     rerun = f"run `guard policy expand {declared_in.path.name} --model MODEL`"
     if not path.is_file():
         raise declared_in.error(("profile",), f"profile file '{path}' not found ({rerun})")
-    source = _Source(path, shape="a profile file must be a mapping written by `guard policy expand`")
-    try:
-        profile = Profile.model_validate(source.data)
-    except ValidationError as err:
-        raise _validation_error(source, err) from None
+    profile, source = _parse_profile(path)
     by_id = {concept.id: (concept, raw) for concept, raw in zip(policy.concepts, raw_concepts)}
     for concept_id, entry in profile.concepts.items():
         if concept_id not in by_id:
