@@ -25,7 +25,7 @@ from serving.chat_completion.serving import ChatServing
 from serving.completion.api_router import router as completion_router
 from serving.completion.serving import CompletionServing
 from serving.config import ServerSettings
-from serving.decisions import DecisionLog
+from serving.decisions import DecisionLog, TurnedAwayRequests
 from serving.engines.base import Engine
 from serving.errors import ERROR_RESPONSES, OpenAIError, install_handlers
 from serving.guard_checks.api_router import router as checks_router
@@ -123,6 +123,13 @@ def build_app(settings: ServerSettings, policy: Policy) -> FastAPI:
     app.add_middleware(BodySizeLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(AdmissionMiddleware, limit=settings.max_queue, metrics=metrics)
     app.add_middleware(ApiKeyMiddleware, keys=api_keys, admin_keys=settings.admin_api_keys)
+    if decision_log is not None:  # outermost: it sees the answers of the middlewares above too
+        guarded = {"/v1/chat/completions": app.state.chat_serving, "/v1/completions": app.state.completion_serving,
+                   "/v1/images/generations": app.state.image_serving, "/v1/moderations": app.state.moderation_serving,
+                   "/v1/guard/checks": app.state.check_serving,
+                   "/beta/litellm_basic_guardrail_api": app.state.litellm_guardrail_serving}
+        app.add_middleware(TurnedAwayRequests, log=decision_log,
+                           endpoints={path: (serving.endpoint, serving.stages) for path, serving in guarded.items()})
 
     # OpenAI endpoints (/v1/images/generations answers 404 model_not_found unless started with --image-model),
     # then the guard's own check-only endpoint and LiteLLM's generic guardrail API over it.

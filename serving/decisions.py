@@ -4,7 +4,8 @@ Every endpoint handler records its stages in one :class:`RequestTrace` per reque
 its result and milliseconds) or says why it was skipped. ``/v1/guard/checks`` answers with those records, and
 ``guard serve --decision-log PATH|-`` writes each finished trace as one JSON line. A stage the request never
 reached (an earlier stage refused it, or the request was invalid) is recorded as skipped with the answer that
-ended the request, so no line leaves a stage out silently.
+ended the request, so no line leaves a stage out silently. Requests turned away before any handler (wrong key,
+full queue, body too large, malformed JSON) get their line from :class:`TurnedAwayRequests`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, TextIO
+from typing import Any, Iterable, Mapping, TextIO
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.protocol import ResponseModel
 
@@ -158,3 +162,58 @@ class DecisionLog:
         if self._owned:
             self._stream.close()
 
+
+class TurnedAwayRequests:
+    """ASGI middleware, outermost: the decision-log line of a request to a guarded route that no handler traced —
+    turned away by the key check (401), admission (429), the body limit (413) or request validation (400) — with
+    every stage of its endpoint "not reached", and an ``x-request-id`` on its answer. A handler's answer always
+    carries its own ``x-request-id``; that is how a traced request is told apart, with no shared bookkeeping."""
+
+    MAX_ERROR_BODY = 64 * 1024  # an OpenAI error object is far smaller; the code is read from it
+
+    def __init__(self, app: ASGIApp, log: DecisionLog, endpoints: Mapping[str, tuple[str, tuple[str, ...]]]):
+        self.app = app
+        self.log = log
+        self.endpoints = endpoints  # route path -> (endpoint name, its stages)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = self.endpoints.get(scope["path"]) if scope["type"] == "http" else None
+        if endpoint is None:
+            await self.app(scope, receive, send)
+            return
+        request_id = new_request_id()
+        trace = RequestTrace(*endpoint, request_id=request_id, key_id=None, log=self.log)
+        answer: dict[str, Any] = {"status": None, "traced": False, "body": b""}
+
+        async def send_and_watch(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                answer["status"], answer["traced"] = message["status"], "x-request-id" in headers
+                if not answer["traced"]:
+                    headers["x-request-id"] = request_id
+            elif message["type"] == "http.response.body" and not answer["traced"]:
+                answer["body"] = (answer["body"] + message.get("body", b""))[: self.MAX_ERROR_BODY]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        except Exception:
+            if not answer["traced"]:
+                self._finish(trace, scope, 500, "internal_error")
+            raise
+        if not answer["traced"] and answer["status"] is not None:
+            self._finish(trace, scope, answer["status"], _error_code(answer["body"]))
+
+    @staticmethod
+    def _finish(trace: RequestTrace, scope: Scope, status: int, error: str | None) -> None:
+        trace.key_id = scope.get("state", {}).get("key_id")  # set by the key check once it passed
+        trace.finish(status, error)
+
+
+def _error_code(body: bytes) -> str | None:
+    """The ``error.code`` of an OpenAI error object (None for anything else)."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return None
+    return error.get("code") if isinstance(error, dict) else None

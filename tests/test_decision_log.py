@@ -222,6 +222,30 @@ def test_invalid_requests_are_logged_with_every_stage_not_reached(direct: Logged
     assert [s["skipped"] for s in line["stages"]] == [f"{NOT_REACHED} 400"] * 3
 
 
+TURNED_AWAY = [  # (what is sent, headers, status, error code): each turned away before any handler runs
+    ('{"model": "embedded:smollm2", "messages": [', {"Authorization": "Bearer sk-wrong"}, 401, "invalid_api_key"),
+    ('{"model": "embedded:smollm2", "messages": [', {}, 400, "invalid_json"),
+    ('{"model": "embedded:smollm2"}', {}, 400, "missing_required_parameter"),
+    ("x" * 1_000_001, {}, 413, "request_too_large"),
+]
+
+
+@pytest.mark.parametrize(("body", "headers", "status", "code"), TURNED_AWAY,
+                         ids=[code for _, _, _, code in TURNED_AWAY])
+def test_requests_turned_away_before_a_handler_are_logged(direct: LoggedServer, body: str, headers: dict[str, str],
+                                                          status: int, code: str) -> None:
+    response = httpx.post(f"{direct.running.api_url}/chat/completions", content=body, timeout=60,
+                          headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json",
+                                   **headers})
+    assert response.status_code == status and response.json()["error"]["code"] == code
+    line = direct.line(response.headers["x-request-id"])
+    assert line["endpoint"] == "chat" and line["status"] == status and line["error"] == code
+    assert line["action"] == "error" and line["policy"] is None and line["flagged"] == []
+    assert line["key_id"] == (None if status == 401 else key_id(API_KEY))
+    assert [s["name"] for s in line["stages"]] == direct.handler_stages("chat")
+    assert {s["skipped"] for s in line["stages"]} == {f"{NOT_REACHED} {status} {code}"}
+
+
 def test_a_key_bound_to_another_policy_is_logged_under_it_and_gets_no_images(direct: LoggedServer) -> None:
     client = direct.running.client(api_key=OTHER_KEY)
     with pytest.raises(openai.PermissionDeniedError) as refused:  # the pipeline carries the --policy policy only
