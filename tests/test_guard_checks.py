@@ -182,7 +182,7 @@ def test_policy_without_certify_skips_the_stage(embedded_server: RunningServer,
 INLINE_POLICY = """\
 name: draft
 concepts:
-  - id: eiffel-tower
+  - id: draft-tower
     kind: other
     description: The Eiffel Tower in Paris.
     aliases: [Eiffel Tower]
@@ -203,6 +203,20 @@ def test_an_admin_key_checks_against_an_inline_policy(embedded_server: RunningSe
     assert judged.headers["x-guard-policy"] == inline.version_tag
     server_policy = checks(embedded_server, {"input": "Tell me about the Eiffel Tower."}, api_key=ADMIN_KEY).json()
     assert server_policy["action"] == "steer" and server_policy["policy"].startswith("server-test@")  # untouched
+
+
+def output_checks_counted(server: RunningServer) -> float:
+    metrics = httpx.get(f"{server.base_url}/metrics", timeout=30).text
+    return float(re.search(r'guard_added_latency_seconds_count\{stage="output"\} (\S+)', metrics)[1])
+
+
+def test_a_draft_policy_leaves_the_served_metrics_alone(embedded_server: RunningServer) -> None:
+    before = output_checks_counted(embedded_server)
+    draft = {"input": "Which tower is in Paris?", "output": "The Eiffel Tower.", "policy": INLINE_POLICY}
+    assert checks(embedded_server, draft, api_key=ADMIN_KEY).json()["action"] == "refuse"
+    assert output_checks_counted(embedded_server) == before  # a draft is not served traffic
+    checks(embedded_server, {**draft, "policy": None}, api_key=ADMIN_KEY)
+    assert output_checks_counted(embedded_server) == before + 1
 
 
 def test_inline_policies_need_an_admin_key_and_name_their_bad_line(embedded_server: RunningServer) -> None:

@@ -28,6 +28,7 @@ from serving.decisions import RequestTrace
 from serving.errors import invalid_request, policy_violation, unsupported_parameter
 from serving.guard_checks.protocol import CheckRequest, CheckResponse
 from serving.guard_state import ActiveGuard
+from serving.metrics import ServerMetrics
 from serving.protocol import ConceptReport, GuardAction
 from serving.reports import certificate_body, output_reports, prompt_reports, strongest
 from serving.serving_base import Call, GuardedServing, certify_refusal
@@ -72,7 +73,8 @@ class CheckServing(GuardedServing[CheckRequest]):
             return call.active
         try:
             policy = await to_thread.run_sync(load_inline_policy, request.policy)
-            return await to_thread.run_sync(ActiveGuard.build, policy, self.metrics)
+            # Its own metrics, dropped with it: a draft's concept ids must not become labels of the served ones.
+            return await to_thread.run_sync(ActiveGuard.build, policy, ServerMetrics())
         except PolicyError as err:
             where = f"line {err.line}" if err.line is not None else "policy"
             raise self.invalid(invalid_request(f"inline policy, {where}{f' {err.field}' if err.field else ''}: "
