@@ -137,10 +137,13 @@ def test_text_completion_stream(embedded_server: RunningServer) -> None:
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
-def test_concurrent_requests_are_batched_without_changing_answers(embedded_server: RunningServer) -> None:
+def test_concurrent_requests_are_batched_without_changing_answers(embedded_server: RunningServer,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     prompts = ["What is the capital of France?", "What is the capital of Italy?"]
     alone = [chat(embedded_server, p, max_tokens=8, temperature=0).parse().choices[0].message.content
              for p in prompts]
+    # A batching window far longer than the two requests' checks, so a loaded machine cannot split the batch.
+    monkeypatch.setattr(embedded_server.app.state.context.engine.worker, "wait_s", 2.0)
 
     async def together() -> list[str]:
         async with openai.AsyncOpenAI(base_url=embedded_server.api_url, api_key=API_KEY, max_retries=0) as client:
