@@ -31,7 +31,7 @@ import re
 import time
 from typing import AsyncIterator, Callable, Protocol
 
-from anyio import to_thread
+from anyio import CancelScope, to_thread
 
 from detectors.pieces import SENTENCE_END
 from guard.decision import Guard, OutputAction, OutputDecision, PromptDecision
@@ -270,7 +270,8 @@ async def guarded_events(guard: Guard, stream: EngineStream, writer: ChunkWriter
         error = "client_disconnected"
         raise
     finally:
-        await stream.aclose()
+        with CancelScope(shield=True):  # a client that hung up cancels this task: still stop its decode
+            await stream.aclose()
         result = strongest_result(outcomes, OUTPUT_RESULTS) if outcomes else "unfinished"
         trace.ran("output", f"{result} ({timing['n']} incremental checks)" + (f", then {error}" if error else ""),
                   timing["ms"])

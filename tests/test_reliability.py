@@ -18,6 +18,7 @@ import json
 import re
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import AsyncIterator, Iterator
@@ -192,6 +193,10 @@ def test_a_client_that_disconnects_mid_stream_stops_its_decode(embedded_server: 
     started = time.monotonic()
     while chat_requests(embedded_server.base_url, "disconnected") == before:
         assert time.monotonic() - started < 60, "the server did not notice the disconnect"
+        time.sleep(0.1)
+    # The decode itself stops (the server runs in this process): 400 tokens would take minutes on 2 cores.
+    while any(thread.name == "guarded-stream" for thread in threading.enumerate()):
+        assert time.monotonic() - started < 20, "the disconnected stream is still decoding"
         time.sleep(0.1)
     assert "Paris" in ask(embedded_server, model=MODEL, max_tokens=8, temperature=0)
 

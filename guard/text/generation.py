@@ -432,8 +432,12 @@ class GuardedStream:
                                                                  result.finish_reason)
         yield StreamDelta(remainder, result.finish_reason)
 
-    def close(self) -> None:
+    def cancel(self) -> None:
+        """Ask the decode to stop after its current step, without waiting (safe from an event loop)."""
         self._cancel.set()
+
+    def close(self) -> None:
+        self.cancel()
         self._thread.join()
 
 

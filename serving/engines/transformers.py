@@ -203,5 +203,7 @@ class TransformersStream:
         await to_thread.run_sync(self._streams[index].close)  # close() waits for the decode step to end
 
     async def aclose(self) -> None:
+        for stream in self._streams:  # every decode is told at once, even if the waits below are cancelled
+            stream.cancel()
         for stream in self._streams:
             await to_thread.run_sync(stream.close)
