@@ -10,6 +10,7 @@ from typing import Iterator
 import httpx
 import pytest
 from conftest import API_KEY, ROOT, RunningServer, start_server
+from readme_examples import python_examples, run_example
 
 from detectors.language import LanguageDetector
 from guard.errors import PolicyError
@@ -94,3 +95,9 @@ def test_refuse_blocks_uncovered_languages_at_every_text_endpoint_and_logs_them(
     assert logged["language"] == "en" and logged["action"] == "allow"
     refused = [line for line in lines.values() if line["language"] == "fr; uncovered=fr; action=refuse"]
     assert len(refused) == 2 and all(line["action"] == "refuse" for line in refused)
+
+
+def test_the_readme_example_prints_what_it_says(embedded_server: RunningServer) -> None:
+    (snippet,) = python_examples("### Languages the detectors do not read")
+    printed, expected = run_example(snippet, embedded_server.base_url)
+    assert printed == expected
