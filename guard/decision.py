@@ -19,6 +19,7 @@ from detectors.base import Classification, ConceptScore
 from detectors.classifier import PolicyClassifier
 from detectors.forget import ForgetRetriever
 from detectors.fuzzy import FuzzyAliasDetector
+from detectors.language import LanguageDetector, LanguageReport
 from guard.errors import ConceptRefused, DetectorError, GuardUnavailable, PolicyError
 from guard.policy import ActionType, Policy, load_policy
 
@@ -77,6 +78,8 @@ class Guard:
         try:
             self.classifier = PolicyClassifier(policy, show_progress=show_progress)
             self.forget = ForgetRetriever(policy, self.classifier.encoder)
+            languages = policy.languages
+            self.languages = LanguageDetector(languages.covered, languages.uncovered, languages.min_confidence)
         except DetectorError as err:
             raise GuardUnavailable(str(err)) from err
         self._refused = frozenset(c.id for c in policy.concepts if c.action.type is ActionType.refuse)
@@ -122,6 +125,13 @@ class Guard:
 
     def refusal_message(self, concept_ids: Sequence[str]) -> str:
         return self.policy.refusal_message(concept_ids)
+
+    def language_report(self, texts: Sequence[str]) -> LanguageReport:
+        """The languages of ``texts`` and what the policy's ``languages`` block does about uncovered ones."""
+        try:
+            return self.languages.report(texts)
+        except DetectorError as err:
+            raise GuardUnavailable(str(err)) from err
 
     def check_prompt(self, texts: Sequence[str]) -> PromptDecision:
         """Raise :class:`ConceptRefused` for refused concepts; otherwise say which concepts to erase."""

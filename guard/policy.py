@@ -200,6 +200,21 @@ class CertifySettings(_Strict):
                                     " earlier turns get the ordinary checks).")
 
 
+class LanguageSettings(_Strict):
+    """What happens to requests in languages the policy's detectors do not read (detectors/language.py)."""
+
+    covered: list[Annotated[str, Field(pattern=r"^[a-z]{2,3}$")]] = Field(
+        default_factory=lambda: ["en"], min_length=1,
+        description="ISO 639 codes of the languages the detectors read (the shipped all-MiniLM-L6-v2 encoder and "
+                    "harmful head: English only).")
+    uncovered: Literal["refuse", "flag", "allow"] = Field(
+        "flag", description="A request with a sentence in another language: 'refuse' it (400), 'flag' it (answered "
+                            "after the usual checks, named in the x-guard-language header and the decision log), "
+                            "or 'allow' it (the header still names the language).")
+    min_confidence: Fraction = Field(
+        0.8, description="How sure the language detector must be before a sentence counts as written in a language.")
+
+
 class Defaults(_Strict):
     """Policy-wide settings; every concept inherits them and may override any part."""
 
@@ -415,6 +430,7 @@ class Policy(_Strict):
     models: Models = Field(default_factory=Models)
     defaults: Defaults = Field(default_factory=Defaults)
     certify: CertifySettings | None = None
+    languages: LanguageSettings = Field(default_factory=LanguageSettings)
     image_action: ImageAction = Field(
         "refuse", description="What happens to a generated image that an image detector still flags once the guard "
                               "has done what the concepts allow (regenerated it with the concept erased, or nothing "

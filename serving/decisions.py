@@ -53,6 +53,7 @@ class DecisionRecord(ResponseModel):
     flagged: list[str]  # concept ids flagged at any stage
     stages: list[Stage]
     certificates: list[dict[str, Any]]  # erase-and-check certificates, one per certified text
+    language: str | None = None  # the x-guard-language header: the languages found, and any the policy does not cover
     ms: float  # the whole request, until its last byte
 
 
@@ -74,6 +75,7 @@ class RequestTrace:
         self.action: str | None = None  # set by the handler when it knows better than ``finish`` can infer
         self.flagged: list[str] = []
         self.certificates: list[dict[str, Any]] = []
+        self.language: str | None = None
         self._stages: dict[str, Stage] = {}
         self._log = log
         self._arrived = datetime.now(timezone.utc)
@@ -107,7 +109,7 @@ class RequestTrace:
             time=self._arrived.isoformat(timespec="milliseconds"), request_id=self.request_id,
             endpoint=self.endpoint, key_id=self.key_id, policy=self.policy, stream=self.stream, status=status,
             error=error, action=self.action or self._inferred_action(status, error), flagged=self.flagged,
-            stages=self.stages, certificates=self.certificates,
+            stages=self.stages, certificates=self.certificates, language=self.language,
             ms=round((time.perf_counter() - self._started) * 1000, 3))
         if self._log is not None:
             self._log.write(record)

@@ -172,6 +172,24 @@ class GuardedServing(ABC, Generic[RequestT]):
                 f"'{param}' holds {length} characters; the guard checks at most {limit} characters of input per "
                 "request on this server (--max-checked-chars)", param, code="context_length_exceeded"))
 
+    def check_language(self, call: Call, texts: Sequence[str], user: str | None) -> dict[str, str]:
+        """The ``x-guard-language`` header of the request's texts (also in the decision log); a request with a
+        language the policy's detectors do not cover is refused (400) when ``languages.uncovered`` is refuse."""
+        policy = call.active.guard.policy
+        try:
+            report = call.active.guard.language_report(texts)
+        except GuardUnavailable as err:
+            raise self.unavailable(policy, err) from None
+        header = {"x-guard-language": report.header_value()}
+        call.trace.language = header["x-guard-language"]
+        if report.action == "refuse":
+            message = (f"Sorry, I can't help with that: this deployment's guard does not read requests in "
+                       f"{', '.join(report.uncovered)} (languages.uncovered: refuse).")
+            error = self.refuse(policy, ["language"], message, user, stage="language", flagged=[])
+            error.headers.update(header)
+            raise error
+        return header
+
     async def certify(self, call: Call, prompts: Sequence[str], user: str | None,
                       labels: Sequence[str]) -> dict[str, str]:
         """erase-and-check each prompt before anything is generated; the ``x-guard-certificate`` header, or {}.

@@ -73,8 +73,9 @@ class ChatServing(TextServing[ChatCompletionRequest]):
         settings = self.sampling(request, request.requested_max_tokens, param)
         engine_request = TextRequest(settings, messages=request.plain_messages(), user=request.end_user)
         self.check_length(engine_request.guard_texts, "messages")
+        language = self.check_language(call, engine_request.guard_texts, request.end_user)
         certified, labels = self.certified_text(guard.policy, engine_request)
-        certificate = await self.certify(call, certified, request.end_user, labels)
+        certificate = {**language, **await self.certify(call, certified, request.end_user, labels)}
 
         if request.stream:
             stream = await self.open_stream(guard, engine_request, trace)

@@ -57,18 +57,19 @@ class CompletionServing(TextServing[CompletionRequest]):
         for prompt in prompts:
             self.check_length([prompt], "prompt")
         settings = self.sampling(request, request.max_tokens)
+        language = self.check_language(call, prompts, request.end_user)
 
         if request.stream:
             if len(prompts) > 1:
                 raise self.invalid(unsupported_parameter("prompt", "streaming accepts one prompt per request"))
-            certificate = await self.certify(call, prompts, request.end_user, ["prompt[0]"])
+            certificate = {**language, **await self.certify(call, prompts, request.end_user, ["prompt[0]"])}
             stream = await self.open_stream(guard, TextRequest(settings, prompt=prompts[0], user=request.end_user),
                                             trace)
             writer = CompletionChunkWriter(self.engine.model_id, self.fingerprint(guard))
             return self.stream_response(guard, stream, writer, settings.n, request.include_usage, certificate, trace)
 
-        certificate = await self.certify(call, prompts, request.end_user,
-                                         [f"prompt[{i}]" for i in range(len(prompts))])
+        certificate = {**language, **await self.certify(call, prompts, request.end_user,
+                                                        [f"prompt[{i}]" for i in range(len(prompts))])}
         engine_requests = [TextRequest(settings, prompt=p, user=request.end_user) for p in prompts]
         results = await self.generate(guard, engine_requests, trace)
         choices = []
