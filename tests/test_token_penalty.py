@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from detectors.terms import distinctive_prefix
+from detectors.terms import distinctive_prefix, is_distinctive
 from guard.decision import Guard
 from guard.errors import TokenPenaltyError
 from guard.methods.token_penalty.tables import (
@@ -94,8 +95,10 @@ def _first_blocked_step(penalties: TokenPenalties, ids: list[int], spelling: str
     """Index of the token that first brings the text to the blocked share of the alias (the whole of it at 1)."""
     name = spelling.strip()
     reach = max(math.ceil(ratio * len(name)), min(len(name), MIN_PARTIAL_BLOCK))
-    # With partial blocking, a one-word name stops at its distinctive prefix ("hogw", "harryp", "dumbl").
-    prefix = distinctive_prefix(name.lower()) if ratio < 1 and name.isalpha() else None
+    # With partial blocking, a name whose first word is rare stops at its distinctive prefix ("hogw", "dumbl").
+    first = re.match(r"[^\W_]+", name).group(0)
+    rare = first == name or is_distinctive(first, name_part=True)
+    prefix = distinctive_prefix(name.lower()) if ratio < 1 and rare else None
     reach = min(reach, prefix or reach)
     needed = len(spelling) - len(spelling.lstrip()) + reach
     written = 0
