@@ -56,7 +56,6 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-import yaml  # noqa: E402
 from anyio import to_thread  # noqa: E402
 from classifier_scaling import measure  # noqa: E402
 from llm_erasure import decode_overhead  # noqa: E402
@@ -73,6 +72,7 @@ from guard.methods.token_penalty.transformers import TokenPenaltyProcessor  # no
 from guard.models import load_language_model  # noqa: E402
 from guard.policy import ActionType, CertifySettings, Policy, load_policy  # noqa: E402
 from guard.settle import GenerationResult  # noqa: E402
+from guard.text.evaluation import load_probes  # noqa: E402
 from guard.text.generation import SamplingSettings, TextRequest, generate, start_stream  # noqa: E402
 from serving.chat_completion.serving import ChatChunkWriter  # noqa: E402
 from serving.engines.transformers import TransformersStream  # noqa: E402
@@ -81,7 +81,7 @@ from serving.metrics import ServerMetrics  # noqa: E402
 from serving.streaming import guarded_events  # noqa: E402
 
 MODEL = "embedded:smollm2"
-PROBES = ROOT / "benchmarks" / "data" / "llm_probes.yaml"
+PROBES = ROOT / "benchmarks" / "data" / "knowledge" / "probes_tuned.yaml"  # the retain prompts come with it
 SECTIONS = ("decode", "stream", "classify", "certify", "gpu")
 # Meta-Llama-3-8B's config.json, written out: the architecture is all the timing needs.
 LLAMA3_8B: dict[str, Any] = {
@@ -144,21 +144,20 @@ class TimedGuard(Guard):
 def pick_prompts(guard: Guard, count_flagged: int, count_passing: int) -> tuple[list[str], list[str], list[str]]:
     """Probe prompts the policy steers (penalties on, not refused), retain prompts it leaves alone, and the
     concepts penalised on the steered ones."""
-    data = yaml.safe_load(PROBES.read_text(encoding="utf-8"))
+    probes = load_probes(PROBES)
     flagged: list[str] = []
     penalized: dict[str, None] = {}
-    for probes in data["probes"].values():
-        for probe in probes:
-            if len(flagged) == count_flagged:
-                break
-            try:
-                decision = guard.check_prompt([probe["prompt"]])
-            except ConceptRefused:
-                continue
-            if decision.penalized:
-                flagged.append(probe["prompt"])
-                penalized.update(dict.fromkeys(decision.penalized))
-    passing = [p for p in data["retain"] if not guard.classify([p]).flagged][:count_passing]
+    for probe in probes.probes:
+        if len(flagged) == count_flagged:
+            break
+        try:
+            decision = guard.check_prompt([probe.prompt])
+        except ConceptRefused:
+            continue
+        if decision.penalized:
+            flagged.append(probe.prompt)
+            penalized.update(dict.fromkeys(decision.penalized))
+    passing = [p.prompt for p in probes.retain if not guard.classify([p.prompt]).flagged][:count_passing]
     if not flagged or not passing:
         raise SystemExit("the policy steers none of the probes or flags every retain prompt: nothing to compare")
     return flagged, passing, list(penalized)

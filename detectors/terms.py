@@ -18,19 +18,24 @@ module finds them in text, with no model beyond word frequencies:
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
-from wordfreq import zipf_frequency
+from wordfreq import top_n_list, zipf_frequency
 
 # Zipf frequency (log10 of occurrences per billion words) below which a word is not common English.
 COMMON_ZIPF = 3.5
 NAME_PART_ZIPF = 4.0
 MIN_TERM_LETTERS = 3
 MAX_NGRAM = 5
+# A name is blocked from its distinctive prefix on: the shortest prefix (at least MIN_PREFIX characters) that begins
+# none of the COMMON_WORDS most frequent English words ("hogw" of "Hogwarts", "skyw" of "Skywalker", "dumbl").
+MIN_PREFIX = 4
+COMMON_WORDS = 30_000
 _WORD = re.compile(r"[^\W_](?:[\w'’.-]*[^\W_])?")
 _SENTENCE_END = re.compile(r"[.!?:;\n]\s|[()\"“”]|\s[-–—]\s")
 # Words that carry no knowledge: never a term, never the edge of an n-gram.
@@ -50,12 +55,38 @@ def zipf(word: str) -> float:
     return zipf_frequency(word.casefold(), "en")
 
 
+def is_common(word: str) -> bool:
+    """An everyday English word (Zipf ≥ ``COMMON_ZIPF``)."""
+    return zipf(word) >= COMMON_ZIPF
+
+
 def is_distinctive(word: str, name_part: bool = False) -> bool:
     """A word rare enough in general English that blocking it alone does not block ordinary language (a part of
     a name may be a little more common: "Tesla", "Nepal")."""
     letters = sum(ch.isalpha() for ch in word)
     return (letters >= MIN_TERM_LETTERS and word.casefold() not in _FUNCTION_WORDS
             and zipf(word) < (NAME_PART_ZIPF if name_part else COMMON_ZIPF))
+
+
+@lru_cache(maxsize=1)
+def _common_words() -> list[str]:
+    return sorted(top_n_list("en", COMMON_WORDS))
+
+
+@lru_cache(maxsize=65536)
+def distinctive_prefix(word: str) -> int | None:
+    """Length of the shortest proper prefix of ``word`` (at least ``MIN_PREFIX``) that begins no common English word
+    other than ``word``'s own forms, or None. Once a text reaches it, only this word (or a near miss of it:
+    "Hogwrastrain") can follow, so decoding may block it there."""
+    word = word.casefold()
+    common = _common_words()
+    for length in range(MIN_PREFIX, len(word)):
+        prefix = word[:length]
+        start = bisect.bisect_left(common, prefix)
+        others = (w for w in common[start:bisect.bisect_left(common, prefix + "\U0010ffff")] if not w.startswith(word))
+        if next(others, None) is None:
+            return length
+    return None
 
 
 def words(text: str) -> list[str]:

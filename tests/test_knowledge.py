@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from detectors.terms import distinctive_ngrams, draw_terms
+from detectors.terms import distinctive_ngrams, distinctive_prefix, draw_terms
 from guard.cli import app
 from guard.decision import Guard, OutputAction
 from guard.errors import PolicyError
 from guard.methods.token_penalty.tables import PenaltyRow
 from guard.models import load_language_model
 from guard.policy import Profile, ProfileConcept, load_policy, profile_digest, save_profile
+from guard.text.evaluation import near_miss
 
 POLICY = """\
 version: 1
@@ -101,6 +102,22 @@ def test_distinctive_ngrams_are_names_their_rare_parts_and_rare_words() -> None:
     assert {"Elon Musk", "Elon", "Musk", "Tesla Motors", "Tesla", "SpaceX", "Microsoft", "Bill Gates",
             "lightsaber"} <= set(found)
     assert not {"Bill", "Gates", "founder", "weapon", "The", "and"} & set(found)  # common words are never blocked alone
+
+
+def test_distinctive_prefixes_begin_no_common_word() -> None:
+    assert distinctive_prefix("Hogwarts") == 4 and distinctive_prefix("Dumbledore") == 5  # "hogw", "dumbl"
+    assert distinctive_prefix("Obi-Wan") == 4  # "obi-"
+    # Every proper prefix of a common word, or of a short name, begins other common words.
+    assert distinctive_prefix("windows") is None and distinctive_prefix("Elon") is None
+    assert distinctive_prefix("SpaceX") is None  # "space" is a word
+
+
+def test_near_misses_are_disguised_terms_not_ordinary_words() -> None:
+    terms = ["SpaceX", "Obi-Wan", "Millennium Falcon", "Han Solo"]
+    assert near_miss("Greeting, Obi-Won.", terms) == "obi won"
+    assert near_miss("the millennium falcons", terms) == "millennium falcons"  # shares a word with the term
+    assert near_miss("a Spacex rocket", terms) == "spacex"
+    assert near_miss("He was sent to space by hand.", terms) is None  # everyday words, none of the term's own
 
 
 def test_drawn_terms_set_concept_answers_apart_from_benign_ones() -> None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from detectors.terms import distinctive_prefix, is_distinctive
 from guard.decision import Guard
 from guard.errors import TokenPenaltyError
 from guard.methods.token_penalty.tables import (
@@ -93,6 +95,11 @@ def _first_blocked_step(penalties: TokenPenalties, ids: list[int], spelling: str
     """Index of the token that first brings the text to the blocked share of the alias (the whole of it at 1)."""
     name = spelling.strip()
     reach = max(math.ceil(ratio * len(name)), min(len(name), MIN_PARTIAL_BLOCK))
+    # With partial blocking, a name whose first word is rare stops at its distinctive prefix ("hogw", "dumbl").
+    first = re.match(r"[^\W_]+", name).group(0)
+    rare = first == name or is_distinctive(first, name_part=True)
+    prefix = distinctive_prefix(name.lower()) if ratio < 1 and rare else None
+    reach = min(reach, prefix or reach)
     needed = len(spelling) - len(spelling.lstrip()) + reach
     written = 0
     for step, token_id in enumerate(ids):
@@ -163,15 +170,32 @@ def test_ordinary_text_is_never_blocked(penalties: TokenPenalties, tokenizer) ->
 
 def test_partial_blocks_stop_names_early_but_never_short_words(penalties: TokenPenalties, exact: TokenPenalties,
                                                                tokenizer) -> None:
-    prefix = tokenizer.encode(" Hogw", add_special_tokens=False)
-    ar = tokenizer.encode("ar", add_special_tokens=False)
-    assert len(ar) == 1
-    # "hogwar" is 6 of 8 characters: blocked at the default 0.75, allowed when only completion is blocked.
-    assert ar[0] in _blocked_after(penalties, (CONCEPT,), prefix)
-    assert ar[0] not in _blocked_after(exact, (CONCEPT,), prefix)
-    # A partial block needs at least MIN_PARTIAL_BLOCK characters: "hog" starts too many words.
+    prefix = tokenizer.encode(" Hog", add_special_tokens=False)
+    w = tokenizer.encode("w", add_special_tokens=False)
+    assert len(prefix) == len(w) == 1
+    # "hogw" begins no common English word: at the default 0.75 the name stops there, so neither "Hogwarts" nor an
+    # invented "Hogwrastrain" can be written; blocking only completions (ratio 1) lets it through.
+    assert w[0] in _blocked_after(penalties, (CONCEPT,), prefix)
+    assert w[0] not in _blocked_after(exact, (CONCEPT,), prefix)
+    # Shorter prefixes begin ordinary words ("hog", "hogs", "dumb", "vol") and are never blocked.
     for word in (" hog", " Hog", " hogs", " Dumb", " Vol"):
         assert tokenizer.encode(word, add_special_tokens=False)[0] not in _blocked_after(penalties, (CONCEPT,), [])
+
+
+def test_short_terms_are_blocked_as_whole_words_and_hyphens_separate(penalties: TokenPenalties, tokenizer) -> None:
+    """A short forbidden word blocks the word, not every word it begins ("Han" but not "hand"), and a hyphenated
+    term is also blocked spelled with a space ("Obi Wan" for "Obi-Wan")."""
+    row = PenaltyRow((CONCEPT,), terms=("Han", "Obi-Wan"))
+
+    def blocked(context: str, word: str) -> bool:
+        core = penalties.row(row)
+        core.observe(tokenizer.encode(context, add_special_tokens=False))
+        token = tokenizer.encode(word, add_special_tokens=False)[0]
+        return token in {int(t) for group in core.blocked_ids() for t in group.tolist()}
+
+    assert blocked("Captain", " Han")
+    assert not blocked("He raised his", " hand") and not blocked("Please", " handle")
+    assert blocked("Greetings, Obi", " Wan") and blocked("Greetings, Obi", "-")
 
 
 def test_semantic_penalty_hits_related_words_only(penalties: TokenPenalties, tokenizer) -> None:

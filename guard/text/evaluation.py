@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from detectors.alias import AliasDetector, canonical_forms
+from detectors.terms import is_common
 from guard.decision import Guard
 from guard.errors import ConceptRefused, PolicyError
 from guard.settle import GenerationResult
@@ -134,7 +135,10 @@ def answer_both(guard: Guard, model: "PreTrainedModel", tokenizer: "PreTrainedTo
 
 
 def near_miss(text: str, terms: Sequence[str]) -> str | None:
-    """A run of words spelled within NEAR_MISS_SIMILARITY of a term (exact matches included), if any."""
+    """A run of words spelled within NEAR_MISS_SIMILARITY of a term (exact matches included), if any.
+
+    A run of ordinary English words that shares no word with the term is not a disguised spelling of it ("space" is
+    not "SpaceX", "hand" is not "Han"): it counts only when it is the term itself."""
     words = min(canonical_forms(text)).split()
     for term in terms:
         target = min(canonical_forms(term)).split()
@@ -143,7 +147,10 @@ def near_miss(text: str, terms: Sequence[str]) -> str | None:
             continue
         for start in range(len(words) - len(target) + 1):
             window = words[start:start + len(target)]
-            if difflib.SequenceMatcher(None, "".join(window), squashed).ratio() >= NEAR_MISS_SIMILARITY:
+            joined = "".join(window)
+            if difflib.SequenceMatcher(None, joined, squashed).ratio() < NEAR_MISS_SIMILARITY:
+                continue
+            if joined == squashed or not all(w not in target and is_common(w) for w in window):
                 return " ".join(window)
     return None
 

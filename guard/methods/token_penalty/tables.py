@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from detectors.alias import MIN_SQUASHED_LENGTH
-from detectors.terms import is_distinctive
+from detectors.terms import distinctive_prefix, is_distinctive
 from guard.errors import TokenPenaltyError
 from guard.models import cache_dir
 from guard.policy import Concept, Policy
@@ -60,6 +61,8 @@ _APOSTROPHES = ("'", "\u2019")
 # What can stand between an alias's words besides one space: the model writes "Harry-Potter", "Harry_Potter",
 # "harry.potter", "Harry\nPotter" (a line break), a tab or a doubled space, and each must be blocked like a space.
 _WORD_SEPARATORS = ("-", "_", ".", "\n", "\t", "  ")
+_INNER_SEPARATORS = re.compile(r"[ _-]+")
+_FIRST_WORD = re.compile(r"[^\W_]+")
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,8 @@ class PenaltyRow:
 def _spellings(alias: str) -> list[str]:
     """Lower-cased spellings to forbid. Matching ignores case, so only apostrophe styles and word separators
     multiply: "harry potter", "harrypotter" (squashed only when long, like the alias detector), and the words
-    joined by each of ``_WORD_SEPARATORS`` ("harry-potter", "harry_potter", "harry\npotter", ...)."""
+    joined by a space or each of ``_WORD_SEPARATORS`` ("harry-potter", "harry_potter", "harry\npotter", ...). A
+    hyphen or underscore inside an alias separates words too: "Obi-Wan" is also "obi wan" and "obiwan"."""
     base = " ".join(alias.lower().split())
     spellings = {base}
     for apostrophe in _APOSTROPHES:
@@ -83,10 +87,11 @@ def _spellings(alias: str) -> list[str]:
             for other in _APOSTROPHES:
                 spellings.add(base.replace(apostrophe, other))
     for spelling in list(spellings):
-        if " " in spelling:
-            spellings.update(spelling.replace(" ", separator) for separator in _WORD_SEPARATORS)
-            if len(spelling.replace(" ", "")) >= MIN_SQUASHED_LENGTH:
-                spellings.add(spelling.replace(" ", ""))
+        parts = _INNER_SEPARATORS.split(spelling)
+        if len(parts) > 1:
+            spellings.update(joiner.join(parts) for joiner in (" ", *_WORD_SEPARATORS))
+            if len("".join(parts)) >= MIN_SQUASHED_LENGTH:
+                spellings.add("".join(parts))
     return sorted(spellings)
 
 
@@ -248,7 +253,7 @@ class TokenPenalties:
         self._encoder = encoder
         self._vocabulary = _VocabularyEmbeddings.load_or_build(tokenizer, self.texts, self.special_ids, encoder,
                                                                policy.models.embedding, show_progress)
-        self._spelling_cache: dict[tuple[str, float], tuple[list[tuple[str, torch.Tensor]], str]] = {}
+        self._spelling_cache: dict[tuple[str, float], tuple[list[tuple[str, torch.Tensor]], str, bool]] = {}
         self._word_cache: dict[tuple[str, float], torch.Tensor] = {}
         self._concepts = {c.id: self._compile(c) for c in policy.concepts}
 
@@ -328,40 +333,77 @@ class TokenPenalties:
     def similar_words(self, terms: Sequence[str], threshold: float) -> torch.Tensor:
         """Whole-word vocabulary tokens at least ``threshold`` similar in meaning to a one-word term (GUARD's
         semantic match, with the vocabulary's embeddings cached on disk and each term's result in memory)."""
-        groups = []
-        for term in terms:
-            if " " in term.strip() or not term.strip():
-                continue
-            key = (term.casefold(), threshold)
-            if key not in self._word_cache:
-                self._word_cache[key] = self._vocabulary.similar(self._encoder, [term], threshold)[0]
-            groups.append(self._word_cache[key])
+        words = [term.strip() for term in terms if term.strip() and " " not in term.strip()]
+        missing = list(dict.fromkeys(w.casefold() for w in words if (w.casefold(), threshold) not in self._word_cache))
+        if missing:  # one encoder call for all of a request's new words
+            for word, ids in zip(missing, self._vocabulary.similar_each(self._encoder, missing, threshold)):
+                self._word_cache[(word, threshold)] = ids
+        groups = [self._word_cache[(w.casefold(), threshold)] for w in words]
         return torch.unique(torch.cat(groups)) if groups else torch.zeros(0, dtype=torch.int64)
 
-    def _spelling_tables(self, spelling: str, block_ratio: float) -> tuple[list[tuple[str, torch.Tensor]], str]:
-        """(tail, tokens to block) pairs of one spelling, and the prefix whose tokens are blocked at a word start."""
+    def _reach(self, spelling: str, block_ratio: float) -> int:
+        """How much of a spelling may be written: ``block_ratio`` of it (at least ``MIN_PARTIAL_BLOCK`` characters),
+        and with partial blocking on, no further than its distinctive prefix when its first word is not a common
+        word ("hogw" of "hogwarts", "obi-" of "obi-wan"): past that only the name itself or a near miss of it
+        ("Hogwrastrain") can follow."""
+        reach = max(math.ceil(block_ratio * len(spelling)), min(len(spelling), MIN_PARTIAL_BLOCK))
+        first = _FIRST_WORD.match(spelling)
+        if block_ratio < 1 and first and (first.group(0) == spelling or is_distinctive(first.group(0), name_part=True)):
+            prefix = distinctive_prefix(spelling)
+            if prefix:
+                reach = min(reach, prefix)
+        return reach
+
+    def _ends_word(self, token_id: int, at: int) -> bool:
+        """Whether a token's text, from ``at`` on, ends the word there (nothing, a non-letter, or a plural "s")."""
+        rest = self.lower_texts[token_id][at:]
+        return not rest or not rest[0].isalnum() or (rest[0] == "s" and (len(rest) == 1 or not rest[1].isalnum()))
+
+    def _whole_word(self, tokens: torch.Tensor, at: int) -> torch.Tensor:
+        return torch.tensor([t for t in tokens.tolist() if self._ends_word(t, at)], dtype=torch.int64)
+
+    def _spelling_tables(self, spelling: str, block_ratio: float) -> tuple[list[tuple[str, torch.Tensor]], str, bool]:
+        """(tail, tokens to block) pairs of one spelling, the prefix whose tokens are blocked at a word start, and
+        whether only tokens that end the word there are (a short word blocked whole: "han" but not "hand")."""
         key = (spelling, block_ratio)
         if key not in self._spelling_cache:
-            reach = max(math.ceil(block_ratio * len(spelling)), min(len(spelling), MIN_PARTIAL_BLOCK))
-            tails = [(spelling[:k], self._index.starting_with(spelling[k:reach if k < reach else len(spelling)]))
-                     for k in range(1, len(spelling))]
-            self._spelling_cache[key] = ([(tail, tokens) for tail, tokens in tails if len(tokens)], spelling[:reach])
+            reach = self._reach(spelling, block_ratio)
+            whole = reach == len(spelling) < MIN_PARTIAL_BLOCK and spelling[-1].isalnum()
+            tails = []
+            for k in range(1, len(spelling)):
+                rest = spelling[k:reach if k < reach else len(spelling)]
+                tokens = self._index.starting_with(rest)
+                if whole and len(tokens):
+                    tokens = self._whole_word(tokens, len(rest))
+                if len(tokens):
+                    tails.append((spelling[:k], tokens))
+            self._spelling_cache[key] = (tails, spelling[:reach], whole)
         return self._spelling_cache[key]
+
+    def _anywhere(self, start: str, whole: bool) -> list[int]:
+        """Tokens holding ``start`` right after a separator (for ``whole``, ending the word there too)."""
+        found = self._after_boundary.starting_with(start).tolist()
+        if not whole:
+            return found
+        return [t for t in found if any(_is_boundary(text[i - 1]) and text.startswith(start, i)
+                                        and self._ends_word(t, i + len(start))
+                                        for text in [self.lower_texts[t]] for i in range(1, len(text)))]
 
     def _blocks(self, strings: Sequence[str], block_ratio: float) -> _Blocks:
         by_tail: dict[str, list[torch.Tensor]] = {}
-        starts: set[str] = set()
+        starts: dict[str, bool] = {}  # blocked word-start prefix -> whether only whole words are blocked
         for string in strings:
             for spelling in _spellings(string):
-                tails, start = self._spelling_tables(spelling, block_ratio)
+                tails, start, whole = self._spelling_tables(spelling, block_ratio)
                 for tail, tokens in tails:
                     by_tail.setdefault(tail, []).append(tokens)
-                starts.add(start)
+                starts[start] = starts.get(start, True) and whole
         at_start: set[int] = set()
         anywhere: set[int] = set()
-        for start in starts:
-            at_start.update(self._index.starting_with(start).tolist())
-            anywhere.update(self._after_boundary.starting_with(start).tolist())
+        for start, whole in starts.items():
+            tokens = self._index.starting_with(start)
+            at_start.update((self._whole_word(tokens, len(start)) if whole else tokens).tolist())
+            anywhere.update(self._anywhere(start, whole))
         merged = {tail: torch.unique(torch.cat(groups)) if len(groups) > 1 else groups[0]
                   for tail, groups in by_tail.items()}
         return _Blocks(merged, max(map(len, merged), default=0),
@@ -449,3 +491,15 @@ class _VocabularyEmbeddings:
         similarity = np.where(has_word, word_similarity[np.maximum(self.token_word, 0)], -1.0)
         ids = np.flatnonzero(similarity >= threshold)
         return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(similarity[ids].astype(np.float32))
+
+    def similar_each(self, encoder: "SentenceTransformer", keywords: Sequence[str], threshold: float) -> list[torch.Tensor]:
+        """For each keyword, the vocabulary ids whose word is at least ``threshold`` cosine-similar to it."""
+        keys = encoder.encode(list(keywords), convert_to_numpy=True, normalize_embeddings=True).astype(np.float32)
+        hits = (self.vectors @ keys.T) >= threshold  # word x keyword
+        has_word = self.token_word >= 0
+        found = []
+        for column in range(len(keywords)):
+            words = hits[:, column]
+            ids = np.flatnonzero(has_word & words[np.maximum(self.token_word, 0)])
+            found.append(torch.from_numpy(ids.astype(np.int64)))
+        return found
