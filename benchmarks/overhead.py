@@ -75,6 +75,7 @@ from guard.policy import ActionType, CertifySettings, Policy, load_policy  # noq
 from guard.settle import GenerationResult  # noqa: E402
 from guard.text.generation import SamplingSettings, TextRequest, generate, start_stream  # noqa: E402
 from serving.chat_completion.serving import ChatChunkWriter  # noqa: E402
+from serving.decisions import RequestTrace  # noqa: E402
 from serving.engines.transformers import TransformersStream  # noqa: E402
 from serving.guard_state import refusal_policy  # noqa: E402
 from serving.metrics import ServerMetrics  # noqa: E402
@@ -305,8 +306,10 @@ async def _guarded_stream(guard: Guard, certifier: EraseAndCheck, model: Any, to
     stream = await to_thread.run_sync(start_stream, guard, model, tokenizer, request)
     engine = TransformersStream(stream.decision, [stream], asyncio.get_running_loop())
     times, finish = [], ""
+    trace = RequestTrace("/v1/chat/completions", ("certify", "prompt", "output"), request_id="overhead",
+                         key_id=None, stream=True)
     async for frame in guarded_events(guard, engine, ChatChunkWriter(MODEL, "overhead"), 1, False, ServerMetrics(),
-                                      lambda _: None):
+                                      lambda _: None, trace):
         if frame.startswith(b"data: {"):
             choices = json.loads(frame[len(b"data: "):])["choices"]
             if choices and choices[0]["delta"].get("content"):
