@@ -243,8 +243,9 @@ class AliasStream:
     Finished words (followed by whitespace) are squashed once and advanced through the automaton together with
     the last ``longest - 1`` letters before them, so each piece costs time in its own length, not the answer's.
     The unfinished last word is read provisionally while it is letters only (more letters cannot change the
-    earlier ones); with a digit or symbol in it (leetspeak reads those by their neighbours) it is held back
-    whole until it ends. Both readings of "1" and "|" are followed.
+    earlier ones); with a digit or symbol in it (leetspeak reads those by their neighbours) it is read both ways
+    it may still turn out (see ``_unfinished_safe_end``), so "312." or "Paris," is not held back until the next
+    space. Both readings of "1" and "|" are followed.
     """
 
     def __init__(self, automaton: AliasAutomaton):
@@ -263,7 +264,7 @@ class AliasStream:
         finished = last_space.start() + 1 if last_space else self._finished
         partial = text[finished:]
         provisional = partial.isalpha()
-        safe_end, completed = len(text) if provisional else finished, False
+        safe_end, completed = len(text), False  # lowered below to where an alias may be under way
         for reading in _READINGS:
             tail = self._tails[reading]
             new = [pair for word in _WORD.finditer(text, self._finished, finished)
@@ -277,6 +278,26 @@ class AliasStream:
             pending = self.automaton.pending_start(joined)
             if pending < len(letters):
                 safe_end = min(safe_end, letters[pending][1])
+            if partial and not provisional:
+                safe_end = min(safe_end, self._unfinished_safe_end(tail + new, partial, finished, reading))
             self._tails[reading] = (tail + new)[-(longest - 1):] if longest > 1 else []
         self._finished = finished
         return AliasScan(safe_end, completed)
+
+    def _unfinished_safe_end(self, before: list[tuple[str, int]], partial: str, start: int, reading: str) -> int:
+        """How far an unfinished word with digits or symbols ("312.", "Paris,", "p0tt") may be released.
+
+        What follows can change only how its last run reads: as now (a number stays digits, symbols that end it
+        are punctuation), or, once a letter follows, with every digit and symbol read as a letter. Under both
+        readings only the letters where an alias may be under way are held back; a word in which either reading
+        may already complete an alias is held whole until it ends, when the completion is reported and checked.
+        """
+        safe_end = len(self.text)
+        for letters in (_squashed_chars(partial, start, reading), _squashed_chars(partial + "a", start, reading)[:-1]):
+            joined = "".join(letter for letter, _ in before + letters)
+            if any(end >= len(before) for end in self.automaton.ends(joined)):
+                return start
+            pending = self.automaton.pending_start(joined)
+            if pending < len(before) + len(letters):
+                safe_end = min(safe_end, (before + letters)[pending][1])
+        return safe_end
