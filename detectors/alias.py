@@ -229,6 +229,10 @@ class AliasAutomaton:
         """Index of the last letter of every alias form in ``letters``."""
         return [end for end, _ in self._automaton.iter(letters)]
 
+    def spans(self, letters: str) -> list[tuple[int, int]]:
+        """(first, last) letter index of every alias form in ``letters``."""
+        return [(end - length + 1, end) for end, length in self._automaton.iter(letters)]
+
     def pending_start(self, letters: str) -> int:
         """Index of the longest suffix of ``letters`` that an alias form starts with (``len(letters)``: none)."""
         for start in range(max(0, len(letters) - self.longest + 1), len(letters)):
@@ -275,11 +279,10 @@ class AliasStream:
             if ends and letters[max(ends)][1] > self._reported:
                 completed = True
                 self._reported = max(self._reported, letters[max(ends)][1])
-            pending = self.automaton.pending_start(joined)
-            if pending < len(letters):
-                safe_end = min(safe_end, letters[pending][1])
-            if partial and not provisional:
+            if partial and not provisional:  # an alias under way ends in the unfinished word's letters, however read
                 safe_end = min(safe_end, self._unfinished_safe_end(tail + new, partial, finished, reading))
+            elif (pending := self.automaton.pending_start(joined)) < len(letters):
+                safe_end = min(safe_end, letters[pending][1])
             self._tails[reading] = (tail + new)[-(longest - 1):] if longest > 1 else []
         self._finished = finished
         return AliasScan(safe_end, completed)
@@ -294,10 +297,12 @@ class AliasStream:
         """
         safe_end = len(self.text)
         for letters in (_squashed_chars(partial, start, reading), _squashed_chars(partial + "a", start, reading)[:-1]):
-            joined = "".join(letter for letter, _ in before + letters)
-            if any(end >= len(before) for end in self.automaton.ends(joined)):
-                return start
+            read = before + letters
+            joined = "".join(letter for letter, _ in read)
+            for first, last in self.automaton.spans(joined):
+                if last >= len(before):  # held from where that alias starts, at most from the word's start
+                    safe_end = min(safe_end, start, read[first][1])
             pending = self.automaton.pending_start(joined)
-            if pending < len(before) + len(letters):
-                safe_end = min(safe_end, (before + letters)[pending][1])
+            if pending < len(read):
+                safe_end = min(safe_end, read[pending][1])
         return safe_end
