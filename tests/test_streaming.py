@@ -125,3 +125,11 @@ def test_a_word_with_digits_or_punctuation_flows_unless_it_may_spell_an_alias() 
     stream = automaton.stream()
     steps = [stream.feed(piece) for piece in ("A nazi$", "m book ")]
     assert steps[0].safe_end == len("A ") and steps[1].completed  # the check runs before "nazi$m" goes out
+
+
+def test_a_fragment_too_short_to_mean_anything_is_read_with_the_next_sentence(guard: Guard) -> None:
+    check = StreamCheck(guard, guard.check_prompt(["How do I sleep better?"]))
+    units = []
+    for piece in chunks("1. Keep a regular sleep schedule.\n2. Avoid coffee late in the day. Sleep well", 4):
+        units += [unit for _, unit in check.add(piece)[1]]
+    assert units == ["1. Keep a regular sleep schedule.", "2. Avoid coffee late in the day."]
