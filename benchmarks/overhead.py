@@ -329,7 +329,8 @@ async def _guarded_stream(guard: Guard, certifier: EraseAndCheck, model: Any, to
 
 def stream_section(guard: Guard, policy: Policy, model: Any, tokenizer: Any, profile: dict[str, Any]) -> dict[str, Any]:
     certifier = EraseAndCheck.from_policy(refusal_policy(policy), cache=guard.classifier.query_cache)  # as served
-    _, passing, _ = pick_prompts(guard, 1, profile["passing"])
+    _, candidates, _ = pick_prompts(guard, 1, profile["passing"] + 4)
+    passing = [p for p in candidates if not certifier.certify(p).flagged][:profile["passing"]]  # served, not refused
     settings = SamplingSettings(max_new_tokens=profile["max_tokens"], temperature=0)
     runs: dict[str, list[dict[str, Any]]] = {"bare": [], "guarded": []}
 
