@@ -1,7 +1,7 @@
 """What the guard costs over the bare engine, all in one run (guarded vs bare work measured side by side).
 
-    python benchmarks/overhead.py            # ~4-5 min on 2 CPU cores; writes benchmarks/results/overhead.{json,png}
-    python benchmarks/overhead.py --quick    # smoke run, ~1-2 minutes
+    python benchmarks/overhead.py            # ~5 min on 2 idle CPU cores (12 loaded); writes results/overhead.{json,png}
+    python benchmarks/overhead.py --quick    # smoke run, ~3-4 minutes on 2 loaded cores
     python benchmarks/overhead.py --sections gpu --gpu-config tiny --out /tmp/overhead_tiny.json
                                              # the GPU section's code path on CPU, with a tiny Llama config
     python benchmarks/overhead.py --device cuda --sections gpu --out benchmarks/results/overhead_gpu.json
@@ -583,7 +583,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run (~1-2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (~3-4 minutes)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=None,
                         help="default: decode classify certify, plus gpu with --device cuda")
     parser.add_argument("--device", default="cpu", help="where the gpu section's model runs (cpu, cuda, cuda:1 …)")
