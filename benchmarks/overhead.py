@@ -1,7 +1,7 @@
 """What the guard costs over the bare engine, all in one run (guarded vs bare work measured side by side).
 
-    python benchmarks/overhead.py            # ~4-5 min on 2 CPU cores; writes benchmarks/results/overhead.{json,png}
-    python benchmarks/overhead.py --quick    # smoke run, ~1-2 minutes
+    python benchmarks/overhead.py            # ~5 min on 2 idle CPU cores (12 loaded); writes results/overhead.{json,png}
+    python benchmarks/overhead.py --quick    # smoke run, ~3-4 minutes on 2 loaded cores
     python benchmarks/overhead.py --sections gpu --gpu-config tiny --out /tmp/overhead_tiny.json
                                              # the GPU section's code path on CPU, with a tiny Llama config
     python benchmarks/overhead.py --device cuda --sections gpu --out benchmarks/results/overhead_gpu.json
@@ -75,6 +75,7 @@ from guard.settle import GenerationResult  # noqa: E402
 from guard.text.evaluation import load_probes  # noqa: E402
 from guard.text.generation import SamplingSettings, TextRequest, generate, start_stream  # noqa: E402
 from serving.chat_completion.serving import ChatChunkWriter  # noqa: E402
+from serving.decisions import RequestTrace  # noqa: E402
 from serving.engines.transformers import TransformersStream  # noqa: E402
 from serving.guard_state import refusal_policy  # noqa: E402
 from serving.metrics import ServerMetrics  # noqa: E402
@@ -125,20 +126,21 @@ class TimedGuard(Guard):
     def __init__(self, policy: Policy):
         super().__init__(policy)
         self.check_s = 0.0
+        self.check_cpu_s = 0.0  # process CPU time: steadier than wall time on a loaded machine (checks run alone)
+
+    def _timed(self, check: Callable[[], Any]) -> Any:
+        started, cpu = time.perf_counter(), time.process_time()
+        try:
+            return check()
+        finally:
+            self.check_s += time.perf_counter() - started
+            self.check_cpu_s += time.process_time() - cpu
 
     def check_prompt(self, texts: Sequence[str]) -> PromptDecision:
-        started = time.perf_counter()
-        try:
-            return super().check_prompt(texts)
-        finally:
-            self.check_s += time.perf_counter() - started
+        return self._timed(lambda: super(TimedGuard, self).check_prompt(texts))
 
     def check_output(self, text: str, decision: PromptDecision, attempt: int = 0) -> OutputDecision:
-        started = time.perf_counter()
-        try:
-            return super().check_output(text, decision, attempt)
-        finally:
-            self.check_s += time.perf_counter() - started
+        return self._timed(lambda: super(TimedGuard, self).check_output(text, decision, attempt))
 
 
 def pick_prompts(guard: Guard, count_flagged: int, count_passing: int) -> tuple[list[str], list[str], list[str]]:
@@ -167,13 +169,13 @@ def decode_section(guard: TimedGuard, model: Any, tokenizer: Any, profile: dict[
     flagged, passing, penalized = pick_prompts(guard, profile["flagged"], profile["passing"])
     settings = SamplingSettings(max_new_tokens=profile["max_tokens"], temperature=0)
 
-    def timed(which: Guard | None, prompt: str) -> tuple[float, GenerationResult, float]:
-        """Wall time, result, and the time spent in guard checks."""
-        guard.check_s = 0.0
+    def timed(which: Guard | None, prompt: str) -> tuple[float, GenerationResult, float, float]:
+        """Wall time, result, and the wall and CPU time spent in guard checks."""
+        guard.check_s = guard.check_cpu_s = 0.0
         guard.classifier.query_cache.clear()  # every request pays for its own embeddings (a fresh request)
         started = time.perf_counter()
         result = generate(which, model, tokenizer, TextRequest.chat([{"role": "user", "content": prompt}], settings))
-        return time.perf_counter() - started, result, guard.check_s
+        return time.perf_counter() - started, result, guard.check_s, guard.check_cpu_s
 
     timed(None, passing[0])  # warm-up: first calls allocate
     timed(guard, passing[0])
@@ -185,10 +187,10 @@ def decode_section(guard: TimedGuard, model: Any, tokenizer: Any, profile: dict[
                 first_bare = (index + repeat) % 2 == 0
                 runs = {label: timed(None if label == "bare" else guard, prompt)
                         for label in (("bare", "guarded") if first_bare else ("guarded", "bare"))}
-                (bare_s, bare, _), (guarded_s, guarded, check_s) = runs["bare"], runs["guarded"]
+                (bare_s, bare, _, _), (guarded_s, guarded, check_s, check_cpu_s) = runs["bare"], runs["guarded"]
                 choice = guarded.choices[0]
                 records.append({"kind": kind, "prompt": prompt, "bare_s": bare_s, "guarded_s": guarded_s,
-                                "guard_checks_s": check_s,
+                                "guard_checks_s": check_s, "guard_checks_cpu_s": check_cpu_s,
                                 "bare_tokens": bare.completion_tokens, "guarded_tokens": guarded.completion_tokens,
                                 "bare_text": bare.choices[0].text, "guarded_text": choice.text,
                                 "identical": choice.text == bare.choices[0].text,
@@ -203,6 +205,7 @@ def decode_section(guard: TimedGuard, model: Any, tokenizer: Any, profile: dict[
     plain = [r for r in records if r["kind"] == "passing"]
     added_ms = [(r["guarded_s"] - r["bare_s"]) * 1000 for r in plain]
     checks_ms = [r["guard_checks_s"] * 1000 for r in plain]
+    checks_cpu_ms = [r["guard_checks_cpu_s"] * 1000 for r in plain]
     bare_median = statistics.median(r["bare_s"] for r in plain)
     guarded_median = statistics.median(r["guarded_s"] for r in plain)
     return {
@@ -221,6 +224,8 @@ def decode_section(guard: TimedGuard, model: Any, tokenizer: Any, profile: dict[
                     "added_ms_p50": _percentile(added_ms, 50), "added_ms_p99": _percentile(added_ms, 99),
                     "guard_checks_ms_p50": _percentile(checks_ms, 50),
                     "guard_checks_ms_p99": _percentile(checks_ms, 99),
+                    "guard_checks_cpu_ms_p50": _percentile(checks_cpu_ms, 50),
+                    "guard_checks_cpu_ms_p99": _percentile(checks_cpu_ms, 99),
                     "guard_checks_p50_ratio_to_bare": _percentile(checks_ms, 50) / (bare_median * 1000),
                     "guard_checks_p99_ratio_to_bare": _percentile(checks_ms, 99) / (bare_median * 1000),
                     "bare_median_ms": bare_median * 1000, "guarded_median_ms": guarded_median * 1000,
@@ -300,12 +305,18 @@ async def _guarded_stream(guard: Guard, certifier: EraseAndCheck, model: Any, to
     """The server's path for a fresh streamed chat, minus HTTP: certification, the prompt check, decoding in the
     engine's thread and ``serving.streaming.guarded_events``; times at which text frames leave it."""
     started = time.perf_counter()
-    await to_thread.run_sync(certifier.certify, prompt)
+    # As the server does (TextServing.certified_stream): certification beside the prompt check and prefill.
+    certifying = asyncio.ensure_future(to_thread.run_sync(certifier.certify, prompt))
     stream = await to_thread.run_sync(start_stream, guard, model, tokenizer, request)
+    if (await certifying).flagged:
+        stream.close()
+        raise SystemExit(f"the benchmark's pass-through prompt {prompt!r} was flagged by erase-and-check")
     engine = TransformersStream(stream.decision, [stream], asyncio.get_running_loop())
     times, finish = [], ""
+    trace = RequestTrace("/v1/chat/completions", ("certify", "prompt", "output"), request_id="overhead",
+                         key_id=None, stream=True)
     async for frame in guarded_events(guard, engine, ChatChunkWriter(MODEL, "overhead"), 1, False, ServerMetrics(),
-                                      lambda _: None):
+                                      lambda _: None, trace):
         if frame.startswith(b"data: {"):
             choices = json.loads(frame[len(b"data: "):])["choices"]
             if choices and choices[0]["delta"].get("content"):
@@ -317,7 +328,8 @@ async def _guarded_stream(guard: Guard, certifier: EraseAndCheck, model: Any, to
 
 def stream_section(guard: Guard, policy: Policy, model: Any, tokenizer: Any, profile: dict[str, Any]) -> dict[str, Any]:
     certifier = EraseAndCheck.from_policy(refusal_policy(policy), cache=guard.classifier.query_cache)  # as served
-    _, passing, _ = pick_prompts(guard, 1, profile["passing"])
+    _, candidates, _ = pick_prompts(guard, 1, profile["passing"] + 4)
+    passing = [p for p in candidates if not certifier.certify(p).flagged][:profile["passing"]]  # served, not refused
     settings = SamplingSettings(max_new_tokens=profile["max_tokens"], temperature=0)
     runs: dict[str, list[dict[str, Any]]] = {"bare": [], "guarded": []}
 
@@ -470,6 +482,8 @@ def ratio_table(report: dict[str, Any]) -> Table:
                       f"{passing['guard_checks_ms_p50']:.1f} / {passing['guard_checks_ms_p99']:.1f}",
                       f"{passing['guard_checks_p50_ratio_to_bare']:.3f} / "
                       f"{passing['guard_checks_p99_ratio_to_bare']:.3f}x")
+        table.add_row("the same checks, process CPU ms, p50 / p99", "",
+                      f"{passing['guard_checks_cpu_ms_p50']:.1f} / {passing['guard_checks_cpu_ms_p99']:.1f}", "")
     streams = report["stream"]
     if streams.get("run", True):
         for label, values, ratio in (("stream: first visible text ms (fresh prompt, certified)", "first_text_ms",
@@ -568,7 +582,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run (~1-2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (~3-4 minutes)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=None,
                         help="default: decode classify certify, plus gpu with --device cuda")
     parser.add_argument("--device", default="cpu", help="where the gpu section's model runs (cpu, cuda, cuda:1 …)")

@@ -229,6 +229,10 @@ class AliasAutomaton:
         """Index of the last letter of every alias form in ``letters``."""
         return [end for end, _ in self._automaton.iter(letters)]
 
+    def spans(self, letters: str) -> list[tuple[int, int]]:
+        """(first, last) letter index of every alias form in ``letters``."""
+        return [(end - length + 1, end) for end, length in self._automaton.iter(letters)]
+
     def pending_start(self, letters: str) -> int:
         """Index of the longest suffix of ``letters`` that an alias form starts with (``len(letters)``: none)."""
         for start in range(max(0, len(letters) - self.longest + 1), len(letters)):
@@ -243,8 +247,9 @@ class AliasStream:
     Finished words (followed by whitespace) are squashed once and advanced through the automaton together with
     the last ``longest - 1`` letters before them, so each piece costs time in its own length, not the answer's.
     The unfinished last word is read provisionally while it is letters only (more letters cannot change the
-    earlier ones); with a digit or symbol in it (leetspeak reads those by their neighbours) it is held back
-    whole until it ends. Both readings of "1" and "|" are followed.
+    earlier ones); with a digit or symbol in it (leetspeak reads those by their neighbours) it is read both ways
+    it may still turn out (see ``_unfinished_safe_end``), so "312." or "Paris," is not held back until the next
+    space. Both readings of "1" and "|" are followed.
     """
 
     def __init__(self, automaton: AliasAutomaton):
@@ -263,7 +268,7 @@ class AliasStream:
         finished = last_space.start() + 1 if last_space else self._finished
         partial = text[finished:]
         provisional = partial.isalpha()
-        safe_end, completed = len(text) if provisional else finished, False
+        safe_end, completed = len(text), False  # lowered below to where an alias may be under way
         for reading in _READINGS:
             tail = self._tails[reading]
             new = [pair for word in _WORD.finditer(text, self._finished, finished)
@@ -274,9 +279,30 @@ class AliasStream:
             if ends and letters[max(ends)][1] > self._reported:
                 completed = True
                 self._reported = max(self._reported, letters[max(ends)][1])
-            pending = self.automaton.pending_start(joined)
-            if pending < len(letters):
+            if partial and not provisional:  # an alias under way ends in the unfinished word's letters, however read
+                safe_end = min(safe_end, self._unfinished_safe_end(tail + new, partial, finished, reading))
+            elif (pending := self.automaton.pending_start(joined)) < len(letters):
                 safe_end = min(safe_end, letters[pending][1])
             self._tails[reading] = (tail + new)[-(longest - 1):] if longest > 1 else []
         self._finished = finished
         return AliasScan(safe_end, completed)
+
+    def _unfinished_safe_end(self, before: list[tuple[str, int]], partial: str, start: int, reading: str) -> int:
+        """How far an unfinished word with digits or symbols ("312.", "Paris,", "p0tt") may be released.
+
+        What follows can change only how its last run reads: as now (a number stays digits, symbols that end it
+        are punctuation), or, once a letter follows, with every digit and symbol read as a letter. Under both
+        readings only the letters where an alias may be under way are held back; a word in which either reading
+        may already complete an alias is held whole until it ends, when the completion is reported and checked.
+        """
+        safe_end = len(self.text)
+        for letters in (_squashed_chars(partial, start, reading), _squashed_chars(partial + "a", start, reading)[:-1]):
+            read = before + letters
+            joined = "".join(letter for letter, _ in read)
+            for first, last in self.automaton.spans(joined):
+                if last >= len(before):  # held from where that alias starts, at most from the word's start
+                    safe_end = min(safe_end, start, read[first][1])
+            pending = self.automaton.pending_start(joined)
+            if pending < len(read):
+                safe_end = min(safe_end, read[pending][1])
+        return safe_end

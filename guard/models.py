@@ -157,12 +157,29 @@ def load_sentence_encoder(reference: str) -> "SentenceTransformer | OnnxSentence
 
 
 ENCODER_BACKEND_VARIABLE = "ERASURE_GUARD_ENCODER"
-PADDING_WASTE, PADDING_SLACK = 0.3, 64  # see OnnxSentenceEncoder._batches
+ENCODER_THREADS_VARIABLE = "ERASURE_GUARD_ENCODER_THREADS"
+PADDING_WASTE, PADDING_SLACK = 0.1, 4  # see OnnxSentenceEncoder._batches
 ONNX_EXPORT_VERSION = 1  # bump when the exported graph changes, so cached exports are rebuilt
 # The export must reproduce the torch encoder: the worst cosine between the two on these probes.
 ONNX_MIN_AGREEMENT = 0.99999
 _ONNX_PROBES = ("Who is Harry Potter?", "How do I build a pipe bomb at home?", "What is the capital of France?",
                 "A short poem about the sea, written in the style of an old sailor who misses home.")
+
+
+def encoder_threads() -> int:
+    """ONNX Runtime threads per encoder call: ``ERASURE_GUARD_ENCODER_THREADS``, else half the cores (at most 4).
+    The guard encodes beside decoding: on 2 cores a second encoder thread only takes the decoder's core (one
+    thread was faster on the 2-core machine even when idle)."""
+    configured = os.environ.get(ENCODER_THREADS_VARIABLE, "").strip()
+    if configured:
+        try:
+            threads = int(configured)
+        except ValueError:
+            raise ModelError(f"{ENCODER_THREADS_VARIABLE} must be a whole number, not '{configured}'") from None
+        if threads < 1:
+            raise ModelError(f"{ENCODER_THREADS_VARIABLE} must be at least 1, not {threads}")
+        return threads
+    return max(1, min(4, (os.cpu_count() or 1) // 2))
 
 
 class OnnxUnavailable(RuntimeError):
@@ -183,6 +200,7 @@ class OnnxSentenceEncoder:
         self.max_seq_length = int(model.max_seq_length)
         self._dimension = int(model.get_embedding_dimension())
         self._session = session
+        self._pad_id = int(self.tokenizer.pad_token_id or 0)
 
     @classmethod
     def build(cls, model: "SentenceTransformer", folder: Path) -> "OnnxSentenceEncoder":
@@ -197,7 +215,8 @@ class OnnxSentenceEncoder:
             raise OnnxUnavailable(f"only transformer + mean pooling encoders are exported (this one: {names})")
         path = _onnx_export(model, folder)
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = max(1, min(4, os.cpu_count() or 1))
+        options.intra_op_num_threads = encoder_threads()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # don't spin beside decoding
         try:
@@ -215,15 +234,15 @@ class OnnxSentenceEncoder:
     def get_embedding_dimension(self) -> int:
         return self._dimension
 
-    def _batches(self, texts: list[str], batch_size: int) -> list[list[int]]:
+    def _batches(self, ids: list[list[int]], batch_size: int) -> list[list[int]]:
         """Rows grouped longest first, a new batch whenever padding to the batch's longest text would waste more
-        than ``PADDING_WASTE`` of the work (and at least ``PADDING_SLACK`` tokens): ONNX Runtime computes every
-        padded position, and a whole answer embedded beside its short sentences would mostly compute padding."""
-        lengths = [len(ids) for ids in self.tokenizer(texts, truncation="longest_first",
-                                                      max_length=self.max_seq_length)["input_ids"]] if texts else []
+        than ``PADDING_WASTE`` of the work (and more than ``PADDING_SLACK`` tokens): on a CPU the encoder is
+        compute-bound, ONNX Runtime computes every padded position, and a batch saves only a little per-call
+        overhead, so sentences of different lengths are better run apart than padded together."""
+        lengths = [len(row) for row in ids]
         batches: list[list[int]] = []
         real = 0
-        for row in sorted(range(len(texts)), key=lambda i: -lengths[i]):
+        for row in sorted(range(len(ids)), key=lambda i: -lengths[i]):
             if batches and len(batches[-1]) < batch_size:
                 longest = lengths[batches[-1][0]]
                 waste = longest * (len(batches[-1]) + 1) - (real + lengths[row])
@@ -237,7 +256,8 @@ class OnnxSentenceEncoder:
 
     def encode(self, sentences: "Sequence[str]", batch_size: int = 64, convert_to_numpy: bool = True,
                normalize_embeddings: bool = True, show_progress_bar: bool = False) -> "np.ndarray":
-        """One unit vector per sentence (float32), batched by length like ``SentenceTransformer.encode``."""
+        """One unit vector per sentence (float32), batched by length like ``SentenceTransformer.encode``; each
+        text is tokenized once."""
         import numpy as np
         from tqdm import tqdm
 
@@ -245,12 +265,20 @@ class OnnxSentenceEncoder:
             raise ValueError("the ONNX sentence encoder returns numpy arrays only")
         texts = [str(sentence).strip() for sentence in sentences]
         output = np.zeros((len(texts), self._dimension), np.float32)
-        batches = self._batches(texts, max(1, batch_size))
+        if not texts:
+            return output
+        ids = self.tokenizer(texts, truncation="longest_first", max_length=self.max_seq_length,
+                             return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        batches = self._batches(ids, max(1, batch_size))
         for rows in tqdm(batches, desc="embedding", disable=not show_progress_bar or len(batches) < 2):
-            tokens = self.tokenizer([texts[i] for i in rows], padding=True, truncation="longest_first",
-                                    max_length=self.max_seq_length, return_tensors="np")
-            feeds = {name: tokens[name].astype(np.int64) for name in ("input_ids", "attention_mask", "token_type_ids")}
-            (pooled,) = self._session.run(None, feeds)
+            width = len(ids[rows[0]])  # the longest row of the batch comes first
+            input_ids = np.full((len(rows), width), self._pad_id, np.int64)
+            attention_mask = np.zeros((len(rows), width), np.int64)
+            for position, row in enumerate(rows):
+                input_ids[position, :len(ids[row])] = ids[row]
+                attention_mask[position, :len(ids[row])] = 1
+            (pooled,) = self._session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask,
+                                                 "token_type_ids": np.zeros_like(input_ids)})
             output[rows] = pooled
         if normalize_embeddings:
             output /= np.maximum(np.linalg.norm(output, axis=1, keepdims=True), 1e-12)

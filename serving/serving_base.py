@@ -333,6 +333,27 @@ class TextServing(GuardedServing[SamplingRequestT]):
         result = strongest_result(outcomes, OUTPUT_RESULTS)
         trace.ran("output", result + (f" after {regenerations} regenerations" if regenerations else ""), ms)
 
+    async def certified_stream(self, call: Call, request: TextRequest, certified: Sequence[str],
+                               labels: Sequence[str]) -> tuple[EngineStream, dict[str, str]]:
+        """Open the engine stream while erase-and-check runs beside the prompt check and prefill: the first token
+        is ready when the certificate is, instead of after it. Nothing is released before the certificate passes:
+        a flagged prompt (or one certification cannot judge) closes the stream and gets the same refusal as
+        when certifying first, which also wins over the prompt check's own refusal."""
+        certifying = asyncio.ensure_future(self.certify(call, certified, request.user, labels))
+        try:
+            stream = await self.open_stream(call.active.guard, request, call.trace)
+        except BaseException:
+            if not certifying.done():
+                await asyncio.wait([certifying])
+            if not certifying.cancelled() and certifying.exception() is not None:
+                raise certifying.exception() from None
+            raise
+        try:
+            return stream, await certifying
+        except BaseException:
+            await stream.aclose()
+            raise
+
     async def open_stream(self, guard: Guard, request: TextRequest, trace: RequestTrace) -> EngineStream:
         try:
             stream = await self.engine.open_stream(guard, request)

@@ -9,7 +9,8 @@ What each check guarantees (:class:`StreamCheck`):
   sent. A forbidden name split over several deltas ("Eif" + "fel Tow" + "er") never leaves the server.
 * **Near misses** ("Dumbeldore") are checked as each word ends; the stream stops before the next text is sent.
 * **Meaning** (exemplars, the harmful-request semantics of refused concepts) is checked per finished sentence;
-  the stream stops before any text after that sentence is sent (the sentence itself may have been sent).
+  the stream stops before any text after that sentence is sent (the sentence itself may have been sent). A
+  fragment too short to mean anything alone ("1.", "Hi.") is read together with the sentence after it.
 * **The whole answer** gets exactly the output check of a non-streamed answer before the held-back rest is
   sent, so a stream is never judged more leniently than the same answer unstreamed.
 
@@ -33,7 +34,7 @@ from typing import AsyncIterator, Callable, Protocol
 
 from anyio import CancelScope, to_thread
 
-from detectors.pieces import SENTENCE_END
+from detectors.pieces import MIN_SENTENCE_CHARS, SENTENCE_END
 from guard.decision import Guard, OutputAction, OutputDecision, PromptDecision
 from guard.errors import GuardUnavailable
 from guard.settle import FinishReason
@@ -84,6 +85,7 @@ class StreamCheck:
         self._word_end = 0  # text[:_word_end] has been read for near misses
         self._previous_word = ""
         self._unit_start = 0  # the sentence under way starts here
+        self._unit_search = 0  # its end is looked for from here (past fragments too short to check alone)
 
     @property
     def text(self) -> str:
@@ -114,16 +116,20 @@ class StreamCheck:
     def _finished_units(self) -> list[tuple[int, str]]:
         units = []
         while True:
-            ended = SENTENCE_END.search(self.text, self._unit_start)
+            ended = SENTENCE_END.search(self.text, self._unit_search)
             if ended is not None:
-                unit, end, self._unit_start = self.text[self._unit_start:ended.start()].strip(), ended.start(), \
-                    ended.end()
+                unit, end = self.text[self._unit_start:ended.start()].strip(), ended.start()
+                self._unit_search = ended.end()
+                if len(unit) < MIN_SENTENCE_CHARS:  # "1." means nothing alone: read with the next sentence
+                    continue
+                self._unit_start = ended.end()
             else:
                 words = list(_FINISHED_WORD.finditer(self.text, self._unit_start))
                 if len(words) < RUN_ON_UNIT_WORDS:
                     return units
                 end = words[RUN_ON_UNIT_WORDS - 1].end()
                 unit, self._unit_start = self.text[self._unit_start:end].strip(), end
+                self._unit_search = max(self._unit_search, end)
             if unit:
                 units.append((end, unit))
 

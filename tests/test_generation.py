@@ -231,3 +231,22 @@ def test_settings_are_validated() -> None:
                 {"logit_bias": {1: 101.0}}):
         with pytest.raises(ValueError):
             SamplingSettings(**bad)
+
+
+def test_incremental_detokenisation_reproduces_the_full_decode(model_and_tokenizer) -> None:
+    """Token by token, the stream's text is always a prefix of the full decode and ends equal to it, also through
+    multi-byte characters split over byte tokens and special tokens (decoded as nothing)."""
+    from guard.text.detokenize import IncrementalDetokenizer
+
+    _, tokenizer = model_and_tokenizer
+    text = "Café au lait, naïve 日本語 — emoji 🐉🔥 and  double  spaces.\nNew line: ½ × π ≈ 1.57"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    ids = ids[:5] + [tokenizer.eos_token_id] + ids[5:]
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    deltas = []
+    for position, token in enumerate(ids):
+        deltas.append(detokenizer.add([token]))
+        assert tokenizer.decode(ids[:position + 1], skip_special_tokens=True).startswith(detokenizer.text)
+        assert "\ufffd" not in detokenizer.text
+    assert "".join(deltas) == detokenizer.text == tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert sum(1 for delta in deltas if delta) > len(ids) // 2, "text must come token by token, not at the end"

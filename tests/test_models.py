@@ -87,3 +87,19 @@ def test_the_sentence_encoder_runs_in_onnx_runtime_with_torch_s_vectors(monkeypa
     finally:
         monkeypatch.delenv("ERASURE_GUARD_ENCODER")
         load_sentence_encoder.cache_clear()
+
+
+def test_encoder_threads_come_from_the_environment_or_half_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from guard.errors import ModelError
+    from guard.models import ENCODER_THREADS_VARIABLE, encoder_threads
+
+    monkeypatch.delenv(ENCODER_THREADS_VARIABLE, raising=False)
+    assert encoder_threads() == max(1, min(4, (os.cpu_count() or 1) // 2))
+    monkeypatch.setenv(ENCODER_THREADS_VARIABLE, "3")
+    assert encoder_threads() == 3
+    for wrong in ("0", "two"):
+        monkeypatch.setenv(ENCODER_THREADS_VARIABLE, wrong)
+        with pytest.raises(ModelError, match=ENCODER_THREADS_VARIABLE):
+            encoder_threads()

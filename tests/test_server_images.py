@@ -389,3 +389,8 @@ def test_certification_that_cannot_run_fails_closed(embedded_server: RunningServ
             model=TEXT_MODEL, messages=[{"role": "user", "content": "Name three rivers in Spain."}], max_tokens=2)
     assert failed.value.status_code == 503 and failed.value.code == "guard_unavailable"
     assert "encoder crashed" in failed.value.message
+    with pytest.raises(openai.InternalServerError) as failed:  # streamed: certified beside prefill, no token out
+        embedded_server.client().chat.completions.create(
+            model=TEXT_MODEL, messages=[{"role": "user", "content": "Name three rivers in Peru."}], max_tokens=2,
+            stream=True)
+    assert failed.value.status_code == 503 and "encoder crashed" in failed.value.message

@@ -109,3 +109,27 @@ def test_a_harmful_sentence_is_blocked_when_it_ends(guard: Guard) -> None:
     assert verdicts[0] is None
     assert verdicts[1] is not None and verdicts[1].action is OutputAction.block
     assert "weapons" in verdicts[1].verdict.refused
+
+
+def test_a_word_with_digits_or_punctuation_flows_unless_it_may_spell_an_alias() -> None:
+    """ "312." and "Paris," are released before the next space; "P0tt" (leetspeak under way) and "nazi$" (one
+    more letter reads "nazis") are held until the word ends and the completed alias is reported."""
+    from detectors.alias import AliasDetector
+
+    automaton = AliasAutomaton(AliasDetector({"hp": ["Harry Potter"], "n": ["nazis"]}))
+    for text, released in (("It is 312.", "It is 312."), ("I saw Paris,", "I saw Paris,"),
+                           ("Harry P0tt", ""), ("They were nazi$", "They were ")):
+        stream = automaton.stream()
+        scan = stream.feed(text)
+        assert text[:scan.safe_end] == released, text
+    stream = automaton.stream()
+    steps = [stream.feed(piece) for piece in ("A nazi$", "m book ")]
+    assert steps[0].safe_end == len("A ") and steps[1].completed  # the check runs before "nazi$m" goes out
+
+
+def test_a_fragment_too_short_to_mean_anything_is_read_with_the_next_sentence(guard: Guard) -> None:
+    check = StreamCheck(guard, guard.check_prompt(["How do I sleep better?"]))
+    units = []
+    for piece in chunks("1. Keep a regular sleep schedule.\n2. Avoid coffee late in the day. Sleep well", 4):
+        units += [unit for _, unit in check.add(piece)[1]]
+    assert units == ["1. Keep a regular sleep schedule.", "2. Avoid coffee late in the day."]

@@ -50,6 +50,7 @@ from guard.settle import (
     text_judge,
     unguarded_choices,
 )
+from guard.text.detokenize import IncrementalDetokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -196,6 +197,7 @@ class _RowStopper(StoppingCriteria):
         self.prompt_width = prompt_width
         self.cancel = cancel
         self.stopped_at: dict[int, int] = {}  # row -> generated tokens when a stop string appeared
+        self._texts = [IncrementalDetokenizer(tokenizer) for _ in rows]  # rows with stop strings, read per token
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None, **kwargs) -> torch.BoolTensor:
         generated = input_ids.shape[1] - self.prompt_width
@@ -206,8 +208,9 @@ class _RowStopper(StoppingCriteria):
             if index in self.stopped_at or generated >= row.settings.max_new_tokens:
                 done[index] = True
             elif row.settings.stop:
-                text = self.tokenizer.decode(input_ids[index, self.prompt_width:], skip_special_tokens=True)
-                if any(stop in text for stop in row.settings.stop):
+                text = self._texts[index]
+                text.add(input_ids[index, self.prompt_width + len(text.ids):].tolist())
+                if any(stop in text.text for stop in row.settings.stop):
                     self.stopped_at[index] = generated
                     done[index] = True
         return done
@@ -403,16 +406,16 @@ class GuardedStream:
         return text.rstrip("\ufffd"), False
 
     def __iter__(self) -> Iterator[StreamDelta]:
-        ids: list[int] = []
+        text = IncrementalDetokenizer(self._tokenizer)  # a window per token, not all ids again
         while True:
             token = self._tokens.queue.get()
             if token is None:
                 break
             if token in self._eos:
                 continue
-            ids.append(token)
-            self.completion_tokens = len(ids)
-            ready, stopped = self._sendable(self._tokenizer.decode(ids, skip_special_tokens=True), final=False)
+            text.add([token])
+            self.completion_tokens = len(text.ids)
+            ready, stopped = self._sendable(text.text, final=False)
             if len(ready) > len(self.text):
                 delta, self.text = ready[len(self.text):], ready
                 yield StreamDelta(delta)

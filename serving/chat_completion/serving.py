@@ -75,13 +75,13 @@ class ChatServing(TextServing[ChatCompletionRequest]):
         self.check_length(engine_request.guard_texts, "messages")
         language = self.check_language(call, engine_request.guard_texts, request.end_user)
         certified, labels = self.certified_text(guard.policy, engine_request)
-        certificate = {**language, **await self.certify(call, certified, request.end_user, labels)}
-
         if request.stream:
-            stream = await self.open_stream(guard, engine_request, trace)
+            stream, certificate = await self.certified_stream(call, engine_request, certified, labels)
+            certificate = {**language, **certificate}
             writer = ChatChunkWriter(self.engine.model_id, self.fingerprint(guard))
             return self.stream_response(guard, stream, writer, settings.n, request.include_usage, certificate, trace)
 
+        certificate = {**language, **await self.certify(call, certified, request.end_user, labels)}
         (result,) = await self.generate(guard, [engine_request], trace)
         choices = []
         for choice in result.choices:

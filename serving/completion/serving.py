@@ -62,9 +62,9 @@ class CompletionServing(TextServing[CompletionRequest]):
         if request.stream:
             if len(prompts) > 1:
                 raise self.invalid(unsupported_parameter("prompt", "streaming accepts one prompt per request"))
-            certificate = {**language, **await self.certify(call, prompts, request.end_user, ["prompt[0]"])}
-            stream = await self.open_stream(guard, TextRequest(settings, prompt=prompts[0], user=request.end_user),
-                                            trace)
+            stream, certificate = await self.certified_stream(
+                call, TextRequest(settings, prompt=prompts[0], user=request.end_user), prompts, ["prompt[0]"])
+            certificate = {**language, **certificate}
             writer = CompletionChunkWriter(self.engine.model_id, self.fingerprint(guard))
             return self.stream_response(guard, stream, writer, settings.n, request.include_usage, certificate, trace)
 
