@@ -44,6 +44,7 @@ METHODS: tuple[ErasureMethod, ...] = (
                   "Semantic Surgery"),
     ErasureMethod("adavd", "image", "cross-attention values", "guard.methods.adavd", "AdaVD"),
     ErasureMethod("uce", "image", "weights", "guard.methods.uce", "UCE / RECE"),
+    ErasureMethod("stamp", "text", "weights", "guard.methods.stamp", "STAMP (RePAIR) / STAMP-LR / AlphaEdit"),
 )
 
 
