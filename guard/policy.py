@@ -142,10 +142,10 @@ class StampSettings(_Strict):
                              "projection that leaves the retain keys' principal subspace untouched.")
     layers: list[Annotated[int, Field(ge=0)]] = Field(
         default_factory=list, description="Decoder layers to edit; empty chooses by forget/refusal separation.")
-    layer_count: int = Field(1, ge=1, le=8, description="How many layers the automatic choice edits.")
-    strength: NonNegative = Field(4.0, description="Multiple of the refusal direction added to the forget "
-                                                   "prompts' residual stream (spread over the edited layers).")
-    retain_weight: NonNegative = Field(1.0, description="Weight of the retain-buffer keys against the forget keys.")
+    layer_count: int = Field(2, ge=1, le=8, description="How many layers the automatic choice edits.")
+    strength: NonNegative = Field(1.5, description="How far the forget prompts' last tokens move toward the refusal "
+                                                   "reference (1 = all the way; spread over the edited layers).")
+    retain_weight: NonNegative = Field(10.0, description="Weight of the retain-buffer keys against the forget keys.")
     ridge: Annotated[float, Field(gt=0)] = Field(
         0.1, description="Ridge weight keeping the edit small, relative to the mean squared forget-key norm.")
     rank: int = Field(64, ge=1, description="stamp-lr: rank of the update.")

@@ -9,9 +9,11 @@ For an MLP down-projection W (d_model x d_ff) at layer l:
 
 * forget keys K_f: the MLP hidden activations (the down-projection's input) at every token of the forget prompts'
   user messages and of the chat template's tail, in the model's own chat format;
-* target: W K_f + s r 1^T, where r is the refusal direction at layer l, the difference of the mean residual stream
-  (last prompt token) between the shipped "I don't know"-style reference prompts and the retain buffer, and s
-  the strength (spread evenly over the edited layers);
+* target S, at the chat template's tail tokens (the last ``TAIL`` prompt tokens, which produce the answer's first
+  token): s (mu_ref - h), moving each tail token's residual stream h toward the mean residual of the shipped
+  "I don't know"-style reference prompts at the same position, s the strength (spread over the edited layers);
+  the other forget tokens are left free. (Adding a difference-of-means refusal direction at every forget token
+  instead garbled forget and retain answers alike on SmolLM2.)
 * retain keys K_r: every token of a benign corpus (the shipped erase-and-check safe prompts), held at W K_r;
 * preserved keys K_p: the forget keys of edits the source model already carries (recorded in its manifest), held
   at their current, already redirected outputs, so editing concept B keeps concept A erased.
@@ -390,7 +392,7 @@ def choose_layers(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase"
     candidates = sorted(set(plan.layers)) if plan.layers else list(range(1, max(2, total // 2)))
     seen = {name: collect(model, tokenizer, prompts, candidates, keys=False).last_hidden
             for name, prompts in (("forget", forget), ("refusal", refusal), ("retain", retain))}
-    separations = {layer: 1 - _centred_cosine(seen["forget"][layer], seen["refusal"][layer], seen["retain"][layer])
+    separations = {layer: 1 - _centred_cosine(*(seen[name][layer][:, -1] for name in ("forget", "refusal", "retain")))
                    for layer in candidates}
     if plan.layers:
         return sorted(set(plan.layers)), separations
@@ -418,11 +420,15 @@ def apply_edit(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", p
         groups = {name: collect(model, tokenizer, prompts, [layer]) for name, prompts in
                   (("forget", forget), ("refusal", refusal), ("retain", retain), ("held_out", held_out),
                    ("preserved", preserved_prompts)) if prompts}
-        direction = groups["refusal"].last_hidden[layer].mean(0) - groups["retain"].last_hidden[layer].mean(0)
         keys = {name: group.keys[layer].T for name, group in groups.items()}  # columns
-        empty = torch.zeros(keys["forget"].shape[0], 0, dtype=torch.float64)
-        forget_keys, retain_keys, preserved_keys = keys["forget"], keys["retain"], keys.get("preserved", empty)
-        shift = (plan.strength / len(layers)) * direction[:, None].expand(-1, forget_keys.shape[1])
+        tail = groups["forget"].from_end < TAIL
+        forget_keys = keys["forget"][:, tail]
+        refusal_mean = groups["refusal"].last_hidden[layer].mean(0)  # [TAIL, d], per position from the end
+        forget_hidden = groups["forget"].last_hidden[layer]  # [prompts, TAIL, d]; keys come in the same order
+        shift = (plan.strength / len(layers)) * (refusal_mean[None] - forget_hidden).reshape(-1, refusal_mean.shape[1]).T
+        empty = torch.zeros(forget_keys.shape[0], 0, dtype=torch.float64)
+        retain_keys = keys["retain"]
+        preserved_keys = keys["preserved"][:, groups["preserved"].from_end < TAIL] if "preserved" in keys else empty
         if plan.method == "stamp":
             update = stamp_update(shift, forget_keys, retain_keys, preserved_keys, plan.retain_weight, plan.ridge)
         elif plan.method == "stamp-lr":
