@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from detectors.alias import AliasDetector
 from guard.errors import WeightEditError
+from guard.methods.registry import concepts_to_edit
 from guard.policy import Concept, ConceptKind, Policy
 
 if TYPE_CHECKING:
@@ -110,18 +111,7 @@ def forget_prompts(concept: Concept) -> tuple[str, ...]:
 def plan_from_policy(policy: Policy, concept_ids: Sequence[str] = (), method: str | None = None,
                      layers: Sequence[int] = ()) -> StampPlan:
     """Select concepts (the named ids, else every knowledge concept) and their shared settings."""
-    known = [concept.id for concept in policy.concepts]
-    if concept_ids:
-        unknown = [concept_id for concept_id in concept_ids if concept_id not in known]
-        if unknown:
-            raise WeightEditError(f"unknown concept id {', '.join(repr(u) for u in unknown)} "
-                                  f"(policy '{policy.name}' defines: {', '.join(known)})")
-        chosen = [policy.concept(concept_id) for concept_id in dict.fromkeys(concept_ids)]
-    else:
-        chosen = [concept for concept in policy.concepts if concept.kind in LANGUAGE_KINDS]
-        if not chosen:
-            raise WeightEditError(f"policy '{policy.name}' has no knowledge concepts; name the concepts to edit "
-                                  "with --concept")
+    chosen = concepts_to_edit(policy, concept_ids, LANGUAGE_KINDS)
     if method is not None and method not in METHOD_NAMES:
         raise WeightEditError(f"unknown method '{method}' for a language model (known: {', '.join(METHOD_NAMES)})")
     settings = chosen[0].methods.stamp

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from guard.errors import WeightEditError
+from guard.methods.registry import concepts_to_edit
 from guard.policy import Concept, ConceptKind, Policy
 
 if TYPE_CHECKING:
@@ -82,19 +83,7 @@ class EditPlan:
 
 def plan_from_policy(policy: Policy, concept_ids: Sequence[str] = ()) -> EditPlan:
     """Select concepts (the named ids, else every style/object/nsfw/celebrity concept) and check they can be solved."""
-    known = [concept.id for concept in policy.concepts]
-    if concept_ids:
-        unknown = [concept_id for concept_id in concept_ids if concept_id not in known]
-        if unknown:
-            raise WeightEditError(f"unknown concept id {', '.join(repr(u) for u in unknown)} "
-                                  f"(policy '{policy.name}' defines: {', '.join(known)})")
-        chosen = [policy.concept(concept_id) for concept_id in dict.fromkeys(concept_ids)]
-    else:
-        chosen = [concept for concept in policy.concepts if concept.kind in DIFFUSION_KINDS]
-        if not chosen:
-            kinds = ", ".join(kind.value for kind in DIFFUSION_KINDS)
-            raise WeightEditError(f"policy '{policy.name}' has no diffusion concepts (kinds {kinds}); "
-                                  "name the concepts to edit with --concept")
+    chosen = concepts_to_edit(policy, concept_ids, DIFFUSION_KINDS)
     for concept in chosen:
         if not concept.aliases:
             raise WeightEditError(f"concept '{concept.id}' has no aliases: UCE edits the token embeddings of the "
