@@ -171,6 +171,13 @@ def _rate(values: Sequence[bool]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """The benchmark's JSON result, readable as UTF-8."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    console.print(f"wrote {path}")
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", type=Path, default=ROOT / "policies" / "default.yaml")
@@ -314,9 +321,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report = {"model": args.model, "policy": guard.policy.version_tag, "block_ratio": args.block_ratio, "max_new_tokens": args.max_new_tokens,
               "batch_size": args.batch_size, "threads": args.threads, "summary": summary, "by_kind": by_kind,
               "records": records}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    console.print(f"wrote {args.out}")
+    write_report(args.out, report)
     return report
 
 
