@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import sys
 import time
@@ -28,9 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-
-from llm_erasure import write_report  # noqa: E402
+sys.path.insert(0, str(ROOT))
 
 from detectors.alias import AliasDetector  # noqa: E402
 from guard.decision import Guard  # noqa: E402
@@ -148,7 +147,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               "summary": summary, "edit": result.to_json(),
               "records": [{"prompt": prompt, **{run: answers[i] for run, answers in runs.items()}}
                           for i, prompt in enumerate(prompts + retain)]}
-    write_report(args.out, report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    console.print(f"wrote {args.out}")
     return report
 
 

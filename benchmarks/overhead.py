@@ -16,6 +16,10 @@ Sections (``--sections``; the default is every CPU section, plus ``gpu`` with ``
   (``llm_erasure.decode_overhead``); unflagged requests give the added latency (guarded minus bare, per request)
   and, because on a shared machine that difference is mostly noise, the time the guard's checks took themselves.
   This section runs on the CPU whatever ``--device`` says.
+* ``stream``: the same unflagged chat requests streamed, bare (``start_stream(None, ...)``) and as the server
+  streams them minus HTTP (certification, prompt check, decoding in the engine thread, ``guarded_events`` with its
+  incremental output check), each with empty embedding and certificate caches: time to the first visible text,
+  the p99 gap between text chunks and tokens/s from request to end.
 * ``classify``: prompt-classification latency for policies of 10 … 10,000 concepts (``classifier_scaling.measure``).
 * ``certify``: erase-and-check time per prompt against d in suffix mode, with the policy's certify filter on its
   refused concepts (as the server does), each prompt paying for its own embeddings; d = 0 is plain classification.
@@ -29,6 +33,7 @@ Sections (``--sections``; the default is every CPU section, plus ``gpu`` with ``
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -52,6 +57,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 import yaml  # noqa: E402
+from anyio import to_thread  # noqa: E402
 from classifier_scaling import measure  # noqa: E402
 from llm_erasure import decode_overhead  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -67,12 +73,16 @@ from guard.methods.token_penalty.transformers import TokenPenaltyProcessor  # no
 from guard.models import load_language_model  # noqa: E402
 from guard.policy import ActionType, CertifySettings, Policy, load_policy  # noqa: E402
 from guard.settle import GenerationResult  # noqa: E402
-from guard.text.generation import SamplingSettings, TextRequest, generate  # noqa: E402
+from guard.text.generation import SamplingSettings, TextRequest, generate, start_stream  # noqa: E402
+from serving.chat_completion.serving import ChatChunkWriter  # noqa: E402
+from serving.engines.transformers import TransformersStream  # noqa: E402
 from serving.guard_state import refusal_policy  # noqa: E402
+from serving.metrics import ServerMetrics  # noqa: E402
+from serving.streaming import guarded_events  # noqa: E402
 
 MODEL = "embedded:smollm2"
 PROBES = ROOT / "benchmarks" / "data" / "llm_probes.yaml"
-SECTIONS = ("decode", "classify", "certify", "gpu")
+SECTIONS = ("decode", "stream", "classify", "certify", "gpu")
 # Meta-Llama-3-8B's config.json, written out: the architecture is all the timing needs.
 LLAMA3_8B: dict[str, Any] = {
     "vocab_size": 128256, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -90,7 +100,7 @@ GPU_PROMPT_TOKENS = 64
 # Run sizes: the default fits ~5 minutes on 2 shared CPU cores, --quick ~1-2 minutes.
 PROFILES: dict[str, dict[str, Any]] = {
     "default": {"max_tokens": 32, "repeats": 2, "flagged": 6, "passing": 12, "concepts": [10, 100, 1_000, 10_000],
-                "classify_repeats": 10, "erase": [0, 2, 4, 8, 16, 20], "certify_prompts": 12,
+                "classify_repeats": 10, "erase": [0, 2, 4, 8, 10, 16, 20], "certify_prompts": 12,
                 "gpu_batches": [1, 8, 32], "gpu_tokens": 32, "gpu_repeats": 3},
     "quick": {"max_tokens": 16, "repeats": 1, "flagged": 3, "passing": 6, "concepts": [10, 100, 1_000],
               "classify_repeats": 4, "erase": [0, 4, 10], "certify_prompts": 4,
@@ -161,6 +171,7 @@ def decode_section(guard: TimedGuard, model: Any, tokenizer: Any, profile: dict[
     def timed(which: Guard | None, prompt: str) -> tuple[float, GenerationResult, float]:
         """Wall time, result, and the time spent in guard checks."""
         guard.check_s = 0.0
+        guard.classifier.query_cache.clear()  # every request pays for its own embeddings (a fresh request)
         started = time.perf_counter()
         result = generate(which, model, tokenizer, TextRequest.chat([{"role": "user", "content": prompt}], settings))
         return time.perf_counter() - started, result, guard.check_s
@@ -211,6 +222,8 @@ def decode_section(guard: TimedGuard, model: Any, tokenizer: Any, profile: dict[
                     "added_ms_p50": _percentile(added_ms, 50), "added_ms_p99": _percentile(added_ms, 99),
                     "guard_checks_ms_p50": _percentile(checks_ms, 50),
                     "guard_checks_ms_p99": _percentile(checks_ms, 99),
+                    "guard_checks_p50_ratio_to_bare": _percentile(checks_ms, 50) / (bare_median * 1000),
+                    "guard_checks_p99_ratio_to_bare": _percentile(checks_ms, 99) / (bare_median * 1000),
                     "bare_median_ms": bare_median * 1000, "guarded_median_ms": guarded_median * 1000,
                     "median_ratio": guarded_median / bare_median,
                     "identical_answers": sum(r["identical"] for r in plain) / len(plain)},
@@ -240,8 +253,8 @@ def certify_section(policy: Policy, profile: dict[str, Any]) -> dict[str, Any]:
     settings = policy.certify or CertifySettings()
     filter_, encoder = build_filter(refusal_policy(policy), settings.filter)
     tokenizer = backend_tokenizer(encoder)
-    checkers = {d: EraseAndCheck(filter_, tokenizer, mode="suffix", max_erase=d, variant=settings.variant)
-                for d in profile["erase"]}
+    checkers = {d: EraseAndCheck(filter_, tokenizer, mode="suffix", max_erase=d, variant=settings.variant,
+                                 cache_size=0) for d in profile["erase"]}
     _, safe = HarmfulHead.load().held_out()
     prompts = [f"{safe[2 * i]} {safe[2 * i + 1]}" for i in range(profile["certify_prompts"])]
     checkers[max(checkers)].certify(prompts[0])  # warm-up
@@ -257,6 +270,9 @@ def certify_section(policy: Policy, profile: dict[str, Any]) -> dict[str, Any]:
                 times[d].append(certificate.elapsed_s)
                 checked[d].append(certificate.subsequences_checked)
                 flagged[d].append(certificate.flagged)
+    remembered = EraseAndCheck(filter_, tokenizer, mode="suffix", max_erase=10, variant=settings.variant)
+    remembered.certify(prompts[0])
+    repeated_ms = statistics.median(remembered.certify(prompts[0]).elapsed_s * 1000 for _ in range(20))
     lengths = [len(checkers[order[0]].tokenize(p)) for p in prompts]
     base = times[order[0]]
     rows = [{"d": d, "mean_ms": statistics.mean(times[d]) * 1000, "median_ms": statistics.median(times[d]) * 1000,
@@ -264,11 +280,96 @@ def certify_section(policy: Policy, profile: dict[str, Any]) -> dict[str, Any]:
              "ratio_to_d0": statistics.median(t / b for t, b in zip(times[d], base))} for d in order]
     return {"mode": "suffix", "filter": settings.filter, "variant": settings.variant,
             "concepts": [c.id for c in refusal_policy(policy).concepts], "prompts": len(prompts),
-            "mean_prompt_tokens": statistics.mean(lengths), "results": rows}
+            "mean_prompt_tokens": statistics.mean(lengths), "results": rows,
+            "repeated_prompt_d10_ms": repeated_ms}
 
 
 # -------------------------------------------------------------------------------------------------
-# 4. the logits processor on a Llama-3-8B-sized model
+# 4. streams: first visible text, gaps between releases, tokens/s; bare decode vs the server's guarded stream
+
+
+def _bare_stream(model: Any, tokenizer: Any, request: TextRequest) -> tuple[list[float], int]:
+    """Times (s from the request) at which the bare engine yields text, and the tokens it decoded."""
+    started = time.perf_counter()
+    stream = start_stream(None, model, tokenizer, request)
+    times = [time.perf_counter() - started for delta in stream if delta.text]
+    return times, stream.completion_tokens
+
+
+async def _guarded_stream(guard: Guard, certifier: EraseAndCheck, model: Any, tokenizer: Any,
+                          request: TextRequest, prompt: str) -> tuple[list[float], int, str]:
+    """The server's path for a fresh streamed chat, minus HTTP: certification, the prompt check, decoding in the
+    engine's thread and ``serving.streaming.guarded_events``; times at which text frames leave it."""
+    started = time.perf_counter()
+    await to_thread.run_sync(certifier.certify, prompt)
+    stream = await to_thread.run_sync(start_stream, guard, model, tokenizer, request)
+    engine = TransformersStream(stream.decision, [stream], asyncio.get_running_loop())
+    times, finish = [], ""
+    async for frame in guarded_events(guard, engine, ChatChunkWriter(MODEL, "overhead"), 1, False, ServerMetrics(),
+                                      lambda _: None):
+        if frame.startswith(b"data: {"):
+            choices = json.loads(frame[len(b"data: "):])["choices"]
+            if choices and choices[0]["delta"].get("content"):
+                times.append(time.perf_counter() - started)
+            if choices and choices[0].get("finish_reason"):
+                finish = choices[0]["finish_reason"]
+    return times, stream.completion_tokens, finish
+
+
+def stream_section(guard: Guard, policy: Policy, model: Any, tokenizer: Any, profile: dict[str, Any]) -> dict[str, Any]:
+    certifier = EraseAndCheck.from_policy(refusal_policy(policy), cache=guard.classifier.query_cache)  # as served
+    _, passing, _ = pick_prompts(guard, 1, profile["passing"])
+    settings = SamplingSettings(max_new_tokens=profile["max_tokens"], temperature=0)
+    runs: dict[str, list[dict[str, Any]]] = {"bare": [], "guarded": []}
+
+    def fresh() -> None:
+        certifier.clear_cache()
+        guard.classifier.query_cache.clear()
+
+    def one(label: str, prompt: str) -> None:
+        request = TextRequest.chat([{"role": "user", "content": prompt}], settings)
+        fresh()
+        begun = time.perf_counter()
+        if label == "bare":
+            times, tokens = _bare_stream(model, tokenizer, request)
+            finish = "n/a"
+        else:
+            times, tokens, finish = asyncio.run(_guarded_stream(guard, certifier, model, tokenizer, request, prompt))
+        runs[label].append({"prompt": prompt, "first_s": times[0] if times else float("nan"),
+                            "gaps_s": [b - a for a, b in zip(times, times[1:])], "tokens": tokens,
+                            "total_s": time.perf_counter() - begun, "finish": finish})
+
+    one("bare", passing[0])  # warm-up
+    one("guarded", passing[0])
+    runs = {"bare": [], "guarded": []}
+    with console.status("streams: bare vs guarded"):
+        for repeat in range(profile["repeats"]):
+            for index, prompt in enumerate(passing):
+                for label in (("bare", "guarded") if (index + repeat) % 2 == 0 else ("guarded", "bare")):
+                    one(label, prompt)
+
+    def gaps(label: str) -> list[float]:
+        return [gap for run in runs[label] for gap in run["gaps_s"]]
+
+    def tokens_per_s(label: str) -> float:
+        return sum(r["tokens"] for r in runs[label]) / sum(r["total_s"] for r in runs[label])
+
+    first_ratio = statistics.median(g["first_s"] / b["first_s"] for g, b in zip(runs["guarded"], runs["bare"]))
+    return {"prompts": passing, "requests": len(runs["bare"]), "max_new_tokens": profile["max_tokens"],
+            "certify": f"{certifier.mode} d={certifier.max_erase} filter={certifier.filter.name}",
+            "first_text_ms": {label: statistics.median(r["first_s"] for r in runs[label]) * 1000 for label in runs},
+            "first_text_ratio": first_ratio,
+            "gap_ms_p50": {label: _percentile(gaps(label), 50) * 1000 for label in runs},
+            "gap_ms_p99": {label: _percentile(gaps(label), 99) * 1000 for label in runs},
+            "gap_p99_ratio": _percentile(gaps("guarded"), 99) / _percentile(gaps("bare"), 99),
+            "tokens_per_s": {label: tokens_per_s(label) for label in runs},
+            "tokens_per_s_ratio": tokens_per_s("guarded") / tokens_per_s("bare"),
+            "blocked": sum(r["finish"] == "content_filter" for r in runs["guarded"]),
+            "runs": runs}
+
+
+# -------------------------------------------------------------------------------------------------
+# 5. the logits processor on a Llama-3-8B-sized model
 
 
 def _sync(device: str) -> None:
@@ -365,8 +466,19 @@ def ratio_table(report: dict[str, Any]) -> Table:
                       f"{passing['guarded_median_ms']:.0f}", f"{passing['median_ratio']:.2f}x")
         table.add_row("pass-through added ms (wall difference), p50 / p99", "", f"{passing['added_ms_p50']:.0f} / "
                       f"{passing['added_ms_p99']:.0f}", "")
-        table.add_row("pass-through guard checks ms (prompt + output), p50 / p99", "",
-                      f"{passing['guard_checks_ms_p50']:.0f} / {passing['guard_checks_ms_p99']:.0f}", "")
+        table.add_row("pass-through guard checks ms (prompt + output, fresh), p50 / p99 vs bare request",
+                      f"{passing['bare_median_ms']:.0f}",
+                      f"{passing['guard_checks_ms_p50']:.1f} / {passing['guard_checks_ms_p99']:.1f}",
+                      f"{passing['guard_checks_p50_ratio_to_bare']:.3f} / "
+                      f"{passing['guard_checks_p99_ratio_to_bare']:.3f}x")
+    streams = report["stream"]
+    if streams.get("run", True):
+        for label, values, ratio in (("stream: first visible text ms (fresh prompt, certified)", "first_text_ms",
+                                      "first_text_ratio"),
+                                     ("stream: gap between text chunks, p99 ms", "gap_ms_p99", "gap_p99_ratio"),
+                                     ("stream: tokens/s, start to end", "tokens_per_s", "tokens_per_s_ratio")):
+            table.add_row(label, f"{streams[values]['bare']:.1f}", f"{streams[values]['guarded']:.1f}",
+                          f"{streams[ratio]:.2f}x")
     classify = report["classify"]
     if classify.get("run", True):
         first = classify["results"][0]
@@ -379,6 +491,8 @@ def ratio_table(report: dict[str, Any]) -> Table:
         for row in certify["results"][1:]:
             table.add_row(f"erase-and-check ms/prompt, d={row['d']} vs d={base['d']}", f"{base['median_ms']:.0f}",
                           f"{row['median_ms']:.0f}", f"{row['ratio_to_d0']:.2f}x")
+        table.add_row("erase-and-check ms, d=10, a prompt certified before", "", f"{certify['repeated_prompt_d10_ms']:.2f}",
+                      "")
     gpu = report["gpu"]
     if gpu.get("run"):
         for row in gpu["results"]:
@@ -491,11 +605,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     no_gpu = (f"no CUDA device in this run (torch.cuda.is_available() = {torch.cuda.is_available()}): the "
               "Llama-3-8B timing was not measured; run with --device cuda on a GPU machine")
     report: dict[str, Any] = {
-        "issue": 8,
+        "issue": 17,
         "settings": {"profile": "quick" if args.quick else "default", "sections": sections, "device": args.device,
                      "gpu_config": args.gpu_config, "policy": policy.version_tag, **profile},
         "machine": machine_info(args.device),
         "decode": section("decode", lambda: decode_section(guard, model, tokenizer, profile), skipped),
+        "stream": section("stream", lambda: stream_section(guard, policy, model, tokenizer, profile), skipped),
         "classify": section("classify", lambda: classify_section(profile), skipped),
         "certify": section("certify", lambda: certify_section(policy, profile), skipped),
         "gpu": section("gpu", lambda: gpu_section(guard, tokenizer, args.gpu_config, args.device, steered, profile),

@@ -12,6 +12,8 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
+import ahocorasick
+
 from detectors.base import Classification, ConceptScore, Detector
 
 # Look-alike letters from other scripts, folded onto Latin.
@@ -63,12 +65,15 @@ def _unleet(word: str, ambiguous_as: str) -> str:
     return core.translate(_LEET)
 
 
+def _canonical(folded: str, reading: str) -> str:
+    return _NON_ALNUM.sub(" ", _WORDLIKE.sub(lambda m: _unleet(m.group(0), reading), folded)).strip()
+
+
 def canonical_forms(text: str) -> set[str]:
     """Spaced canonical forms of ``text`` ("harry potter"), one per reading of ambiguous characters."""
     folded = _fold(text)
     readings = ("i", "l") if any(ch in folded for ch in _AMBIGUOUS) else ("i",)
-    return {_NON_ALNUM.sub(" ", _WORDLIKE.sub(lambda m: _unleet(m.group(0), reading), folded)).strip()
-            for reading in readings}
+    return {_canonical(folded, reading) for reading in readings}
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,10 @@ class AliasDetector(Detector):
         self._max_words = max((form.count(" ") + 1 for form in self._spaced), default=0)
         self._squashed_lengths = sorted({len(form) for form in self._squashed})
         self._spelled_lengths = sorted({len(form) for form in self._spelled})
+
+    def squashed_forms(self) -> set[str]:
+        """Every alias form with separators removed: each spaced, squashed or spelled match contains one."""
+        return {form.replace(" ", "") for form in self._spaced}
 
     def threshold(self, concept_id: str) -> float:
         """The scale a hit of this concept is reported on."""
@@ -168,3 +177,106 @@ class AliasDetector(Detector):
             for key, count in form_counts.items():
                 counts[key] = max(counts.get(key, 0), count)
         return [replace(hit, count=counts[key]) for key, hit in hits.items()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streams: where an alias may still be under way in text that arrives piece by piece
+
+_LAST_SPACE = re.compile(r"\s\S*\Z")
+_WORD = re.compile(r"\S+")
+_READINGS = ("i", "l")
+
+
+def _squashed_chars(word: str, offset: int, reading: str) -> list[tuple[str, int]]:
+    """The squashed canonical letters of one whitespace-free word, each with the text offset it comes from:
+    its own character's where the word folds letter by letter, else the word's start (leetspeak reads a
+    character by its neighbours)."""
+    squashed = _canonical(_fold(word), reading).replace(" ", "")
+    per_char = [(letter, offset + i) for i, ch in enumerate(word)
+                for letter in _canonical(_fold(ch), reading).replace(" ", "")]
+    if "".join(letter for letter, _ in per_char) == squashed:
+        return per_char
+    return [(letter, offset) for letter in squashed]
+
+
+@dataclass(frozen=True)
+class AliasScan:
+    safe_end: int  # no alias that may still be being written starts before this offset
+    completed: bool  # the new text may have completed an alias: run the alias check before releasing it
+
+
+class AliasAutomaton:
+    """An Aho–Corasick automaton (pyahocorasick) over the squashed form of every alias of a detector.
+
+    Squashed text (folded, leetspeak read, every separator removed) contains every alias the detector can find
+    (spaced, squashed and spelled matches all squash to the alias form), so the automaton over-approximates the
+    detector: where it sees no alias form under way, the detector cannot find one either.
+    """
+
+    def __init__(self, detector: AliasDetector):
+        self._automaton = ahocorasick.Automaton()
+        forms = [form for form in detector.squashed_forms() if form]
+        for form in forms:
+            self._automaton.add_word(form, len(form))
+        self.longest = max(map(len, forms), default=0)
+        if forms:
+            self._automaton.make_automaton()
+
+    def stream(self) -> AliasStream:
+        return AliasStream(self)
+
+    def ends(self, letters: str) -> list[int]:
+        """Index of the last letter of every alias form in ``letters``."""
+        return [end for end, _ in self._automaton.iter(letters)]
+
+    def pending_start(self, letters: str) -> int:
+        """Index of the longest suffix of ``letters`` that an alias form starts with (``len(letters)``: none)."""
+        for start in range(max(0, len(letters) - self.longest + 1), len(letters)):
+            if self._automaton.match(letters[start:]):
+                return start
+        return len(letters)
+
+
+class AliasStream:
+    """Follows one growing text (a streamed answer): after each piece, how much of it no alias can still reach.
+
+    Finished words (followed by whitespace) are squashed once and advanced through the automaton together with
+    the last ``longest - 1`` letters before them, so each piece costs time in its own length, not the answer's.
+    The unfinished last word is read provisionally while it is letters only (more letters cannot change the
+    earlier ones); with a digit or symbol in it (leetspeak reads those by their neighbours) it is held back
+    whole until it ends. Both readings of "1" and "|" are followed.
+    """
+
+    def __init__(self, automaton: AliasAutomaton):
+        self.automaton = automaton
+        self.text = ""
+        self._finished = 0  # text[:_finished] ends with whitespace: its words are final
+        self._tails: dict[str, list[tuple[str, int]]] = {reading: [] for reading in _READINGS}
+        self._reported = -1  # text offset of the last completion reported
+
+    def feed(self, piece: str) -> AliasScan:
+        self.text += piece
+        text, longest = self.text, self.automaton.longest
+        if not longest:
+            return AliasScan(len(text), False)
+        last_space = _LAST_SPACE.search(text, self._finished)
+        finished = last_space.start() + 1 if last_space else self._finished
+        partial = text[finished:]
+        provisional = partial.isalpha()
+        safe_end, completed = len(text) if provisional else finished, False
+        for reading in _READINGS:
+            tail = self._tails[reading]
+            new = [pair for word in _WORD.finditer(text, self._finished, finished)
+                   for pair in _squashed_chars(word.group(0), word.start(), reading)]
+            letters = tail + new + (_squashed_chars(partial, finished, reading) if provisional else [])
+            joined = "".join(letter for letter, _ in letters)
+            ends = [end for end in self.automaton.ends(joined) if end >= len(tail)]
+            if ends and letters[max(ends)][1] > self._reported:
+                completed = True
+                self._reported = max(self._reported, letters[max(ends)][1])
+            pending = self.automaton.pending_start(joined)
+            if pending < len(letters):
+                safe_end = min(safe_end, letters[pending][1])
+            self._tails[reading] = (tail + new)[-(longest - 1):] if longest > 1 else []
+        self._finished = finished
+        return AliasScan(safe_end, completed)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 
 @dataclass(frozen=True)
@@ -88,3 +91,16 @@ def _merged(classifications: Sequence[Classification]) -> Classification:
 def clip(text: str, limit: int = 60) -> str:
     """Shorten quoted text for evidence strings."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@runtime_checkable
+class ImageDetector(Protocol):
+    """Scores generated images for what it watches (one score per image, in [0, 1]); an image is flagged at or
+    above ``threshold``. Policy concepts name it in ``methods.semantic_surgery.visual_feedback.detector``."""
+
+    name: str
+    threshold: float
+
+    def scores(self, images: Sequence["Image"]) -> list[float]:
+        """One score per image, in order."""
+        ...

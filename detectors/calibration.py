@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -24,10 +25,21 @@ from guard.errors import DetectorError, ModelError
 from guard.models import load_sentence_encoder
 from guard.policy import CalibratedConcept, Calibration, Concept, Policy, concept_digest
 
+BENIGN_IMAGE_PROMPTS = Path(__file__).resolve().parent.parent / "guard" / "data" / "image-prompts" / "benign.txt"
 MIN_THRESHOLD = 0.3
 DEFAULT_TARGET_FPR = 0.01
 BENIGN_CORPUS = f"erase-and-check {SAFE_PROMPTS} + the concept's negatives"
 _NO_MATCH = -1.0  # score of a concept none of whose exemplars is among a text's nearest neighbours
+
+
+def benign_image_prompts() -> list[str]:
+    """The shipped benign text-to-image prompts (written for this project, none names a concept of the shipped
+    policies): the image guard's calibration corpus and the null-space UCE edit's prior."""
+    try:
+        lines = BENIGN_IMAGE_PROMPTS.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise DetectorError(f"cannot read the benign image prompts {BENIGN_IMAGE_PROMPTS}: {err}") from err
+    return [line.strip() for line in lines if line.strip()]
 
 
 def conformal_threshold(benign_scores: Sequence[float] | np.ndarray, target_fpr: float) -> float:

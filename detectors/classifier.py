@@ -7,7 +7,7 @@ detector surfaces as :class:`DetectorError` so callers can refuse the request (f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Mapping, Sequence
 
@@ -22,6 +22,7 @@ from guard.errors import DetectorError, ModelError
 from guard.models import load_sentence_encoder
 from guard.policy import Policy
 
+QUERY_CACHE_SIZE = 4096  # request pieces remembered (~6 MB of vectors)
 ALIAS_VETO_SIMILARITY = 0.7  # a message this close to an alias-naming negative is that negative, reworded
 
 
@@ -52,13 +53,16 @@ class PolicyClassifier(Detector):
         """``exemplar_vectors``: precomputed unit embeddings of exemplar texts (e.g. a large concept library
         embedded offline), so start-up does not re-encode them; anything missing is encoded.
         ``query_cache``: embed requests through this shared cache (erase-and-check: every detector of a
-        certifier reads each erased version's vectors from one forward pass per batch)."""
+        certifier reads each erased version's vectors from one forward pass per batch); by default a cache of
+        this classifier's own."""
         self.policy = policy
         try:
             self.encoder = load_sentence_encoder(policy.models.embedding)
         except ModelError as err:
             raise DetectorError(str(err)) from err
-        self.query_cache = query_cache
+        # Requests are embedded piece by piece through an LRU cache: a chat's earlier turns, a stream's finished
+        # sentences and repeated prompts cost nothing the second time.
+        self.query_cache = query_cache if query_cache is not None else CachedEncoder(self.encoder, QUERY_CACHE_SIZE)
         thresholds = {c.id: c.detection.semantic_threshold for c in policy.concepts}
         self.aliases = AliasDetector({c.id: c.aliases for c in policy.concepts if c.detection.aliases}, thresholds)
         # The description is a positive exemplar too: a concept defined only by name and description still works.
@@ -70,7 +74,7 @@ class PolicyClassifier(Detector):
             {c.id: c.detection.negative_margin for c in policy.concepts},
             show_progress=show_progress,
             vectors=exemplar_vectors,
-            query_encoder=query_cache,
+            query_encoder=self.query_cache,
         )
         # (concept, alias) -> the concept's negatives that name that alias: embeddings, and how often each names it.
         self._alias_negatives: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
@@ -85,14 +89,29 @@ class PolicyClassifier(Detector):
                 self._alias_negatives[concept.id, alias] = (np.stack([v for v, _ in found]),
                                                             np.array([n for _, n in found]))
 
-    def detect(self, texts: Sequence[str]) -> Classification:
+    def detect(self, texts: Sequence[str], stop_on: Collection[str] = ()) -> Classification:
+        """Every concept's evidence; with ``stop_on``, an alias of one of those concepts that no negative can
+        veto ends the check at once (the caller refuses on it whatever else matches), before any embedding."""
         with _fail_closed():
+            if stop_on and (certain := self._certain_alias_scores(texts, stop_on)):
+                return Classification(certain)
             return self._detect(texts)
 
+    def _certain_alias_scores(self, texts: Sequence[str], concept_ids: Collection[str]) -> list[ConceptScore]:
+        scores: dict[str, ConceptScore] = {}
+        for source, text in enumerate(texts):
+            for hit in self.aliases.find(text):
+                if (hit.concept_id in concept_ids and hit.concept_id not in scores
+                        and (hit.concept_id, hit.alias) not in self._alias_negatives):
+                    scores[hit.concept_id] = ConceptScore(
+                        concept_id=hit.concept_id, score=1.0, threshold=self.aliases.threshold(hit.concept_id),
+                        flagged=True, detector=self.aliases.name,
+                        evidence=f"alias '{hit.alias}' matched '{hit.matched}' in message {source}")
+        return list(scores.values())
+
     def detect_each(self, texts: Sequence[str]) -> list[Classification]:
-        if self.query_cache is not None:  # one forward pass for the batch; each text then reads the cache
-            with _fail_closed():
-                self.query_cache.encode([piece.text for text in texts for piece in split_pieces([text])])
+        with _fail_closed():  # one forward pass for the batch; each text then reads the cache
+            self.query_cache.encode([piece.text for text in texts for piece in split_pieces([text])])
         return [self.detect([text]) for text in texts]
 
     def _detect(self, texts: Sequence[str]) -> Classification:

@@ -5,14 +5,11 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from guard.errors import DetectorError
-
-if TYPE_CHECKING:
-    from sentence_transformers import SentenceTransformer
 
 
 class Encoder(Protocol):
@@ -32,7 +29,7 @@ class CachedEncoder:
     ``capacity=0`` remembers nothing between calls (benchmarks use it so every prompt pays its own way).
     """
 
-    def __init__(self, encoder: SentenceTransformer, capacity: int = 16_384):
+    def __init__(self, encoder: Encoder, capacity: int = 16_384):
         self.encoder = encoder
         self.capacity = capacity
         self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -57,15 +54,17 @@ class CachedEncoder:
             raise DetectorError("the caching sentence encoder only returns normalised numpy vectors")
         sentences = list(sentences)
         with self._lock:
-            missing = list(dict.fromkeys(s for s in sentences if s not in self._vectors))
-            if missing:
-                fresh = self.encoder.encode(missing, batch_size=batch_size, convert_to_numpy=True,
-                                            normalize_embeddings=True, show_progress_bar=show_progress_bar)
-                for sentence, vector in zip(missing, np.asarray(fresh, dtype=np.float32)):
-                    self._vectors[sentence] = vector
-            for sentence in sentences:
+            known = {s: self._vectors[s] for s in sentences if s in self._vectors}
+        missing = list(dict.fromkeys(s for s in sentences if s not in known))
+        if missing:  # the model runs outside the lock: other requests keep reading the cache meanwhile
+            fresh = self.encoder.encode(missing, batch_size=batch_size, convert_to_numpy=True,
+                                        normalize_embeddings=True, show_progress_bar=show_progress_bar)
+            known.update(zip(missing, np.asarray(fresh, dtype=np.float32)))
+        rows = [known[s] for s in sentences]
+        with self._lock:
+            for sentence in dict.fromkeys(sentences):
+                self._vectors[sentence] = known[sentence]
                 self._vectors.move_to_end(sentence)
-            rows = [self._vectors[s] for s in sentences]
             while len(self._vectors) > self.capacity:
                 self._vectors.popitem(last=False)
         if not rows:

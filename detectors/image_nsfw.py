@@ -6,7 +6,8 @@ with the concept erased (the paper's visual feedback) or refuses. Open-NSFW's sc
 image is pornographic; Yahoo's own guidance treats < 0.2 as safe and > 0.8 as unsafe.
 
 It is not a :class:`detectors.base.Detector`: it reads pixels, not texts, and knows no policy concepts (one
-score per image, no evidence to quote), so it reports plain scores that the diffusion path turns into feedback.
+score per image, no evidence to quote). It is an :class:`detectors.base.ImageDetector` named ``nsfw``: the
+concepts whose ``visual_feedback`` names it get its flags as Semantic Surgery's visual feedback.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 
 class ImageNsfwDetector:
     """Scores images in [0, 1]; an image is flagged at or above ``threshold``. Safe to share between threads."""
+
+    name = "nsfw"
 
     def __init__(self, threshold: float = 0.5, threads: int | None = None):
         if not 0.0 <= threshold <= 1.0:
@@ -51,6 +54,3 @@ class ImageNsfwDetector:
         if not images:
             return []
         return [float(score) for score in self._load().score_images(images)]
-
-    def flagged(self, scores: Sequence[float]) -> list[int]:
-        return [i for i, score in enumerate(scores) if score >= self.threshold]

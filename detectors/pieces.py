@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 MAX_WORDS = 120  # ~1.3 word pieces per English word keeps a window inside MiniLM's 256
 STRIDE = 60  # consecutive windows of one long sentence overlap by half
-_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\n+")
+SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\n+")
 MIN_SENTENCE_CHARS = 4  # shorter fragments ("Hi.", "1.") carry no meaning alone; they stay inside windows
 # A "sentence" this long is run-on text: a request glued into filler without punctuation drowns in a 120-word
 # window, so such sentences are also read in short windows. Ordinary sentences are shorter and cost nothing more.
@@ -37,14 +37,14 @@ def _word_windows(words: list[str]) -> list[str]:
 
 def _units(text: str) -> list[str]:
     """Every sentence of the text, each one too long for the encoder cut into overlapping word windows."""
-    return [window for sentence in _SENTENCE_END.split(text) if sentence.split()
+    return [window for sentence in SENTENCE_END.split(text) if sentence.split()
             for window in _word_windows(sentence.split())]
 
 
 def _run_on_windows(text: str) -> list[str]:
     """Short overlapping windows over each run-on sentence (longer than ``RUN_ON_WORDS`` words)."""
     windows = []
-    for sentence in _SENTENCE_END.split(text):
+    for sentence in SENTENCE_END.split(text):
         words = sentence.split()
         if len(words) > RUN_ON_WORDS:
             starts = range(0, len(words) - SHORT_WINDOW + SHORT_STRIDE, SHORT_STRIDE)

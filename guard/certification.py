@@ -24,9 +24,11 @@ import hashlib
 import itertools
 import math
 import random
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -67,22 +69,30 @@ def _greedy_grade(classification: Classification) -> float:
     return max((min(s.margin, -1e-6) for s in classification.scores), default=-1.0)
 
 
-def build_filter(policy: Policy, name: FilterName) -> tuple[Detector, CachedEncoder]:
-    """The detector named by ``policy.certify.filter``, plus the shared encoder whose tokenizer defines tokens."""
+def build_filter(policy: Policy, name: FilterName,
+                 cache: CachedEncoder | None = None) -> tuple[Detector, CachedEncoder]:
+    """The detector named by ``policy.certify.filter``, plus the shared encoder whose tokenizer defines tokens.
+
+    ``cache``: an embedding cache to share where it wraps the model a detector needs (the server passes its
+    guard's, so the prompt check reads the vectors certification has just computed)."""
     if name not in FILTERS:
         raise CertifyError(f"unknown filter '{name}' (known: {', '.join(FILTERS)})")
+
+    def cached(reference: str) -> CachedEncoder:
+        model = load_sentence_encoder(reference)
+        return cache if cache is not None and cache.encoder is model else CachedEncoder(model)
+
     if name == "policy":
-        encoder = CachedEncoder(load_sentence_encoder(policy.models.embedding))
+        encoder = cached(policy.models.embedding)
         return PolicyClassifier(policy, query_cache=encoder), encoder
     head = HarmfulHead.load()
-    encoder = CachedEncoder(load_sentence_encoder(head.encoder))
+    encoder = cached(head.encoder)
     harmful = HarmfulRequestClassifier(head, encoder)
     if name == "harmful_classifier":
         return harmful, encoder
     # Erasure works on the head's tokens; both detectors read the same erased texts and share one embedding
     # pass when the policy embeds with the head's encoder (the default).
-    policy_encoder = encoder if policy.models.embedding == head.encoder else CachedEncoder(
-        load_sentence_encoder(policy.models.embedding))
+    policy_encoder = encoder if policy.models.embedding == head.encoder else cached(policy.models.embedding)
     return CombinedDetector([PolicyClassifier(policy, query_cache=policy_encoder), harmful], name="both"), encoder
 
 
@@ -253,7 +263,9 @@ class EraseAndCheck:
 
     def __init__(self, filter: Detector, tokenizer: Tokenizer, mode: Mode = "suffix", max_erase: int = 10,
                  max_insertions: int = 1, variant: Variant = "exact", sample_fraction: float = 0.2, seed: int = 0,
-                 batch_size: int = 128):
+                 batch_size: int = 128, cache_size: int = 4096):
+        """``cache_size`` certificates are remembered by prompt hash (a verdict depends only on the prompt and these
+        fixed settings), so a repeated prompt (a chat's earlier turns, retries) costs one lookup; 0 disables it."""
         if mode not in MODES:
             raise CertifyError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
         if variant not in VARIANTS:
@@ -274,13 +286,17 @@ class EraseAndCheck:
         self.sample_fraction = sample_fraction
         self.seed = seed
         self.batch_size = batch_size
+        self.cache_size = cache_size
+        self._certificates: OrderedDict[str, Certificate] = OrderedDict()  # by prompt hash, most recent last
+        self._lock = threading.Lock()
 
     @classmethod
     def from_policy(cls, policy: Policy, mode: Mode | None = None, max_erase: int | None = None,
                     max_insertions: int | None = None, variant: Variant | None = None,
                     sample_fraction: float | None = None, filter: FilterName | None = None, seed: int = 0,
-                    batch_size: int = 128) -> EraseAndCheck:
-        """Settings from ``policy.certify`` (defaults when the policy has none); arguments that are not None win."""
+                    batch_size: int = 128, cache: CachedEncoder | None = None) -> EraseAndCheck:
+        """Settings from ``policy.certify`` (defaults when the policy has none); arguments that are not None win;
+        ``cache`` as for :func:`build_filter`."""
         overrides = {"mode": mode, "max_erase": max_erase, "max_insertions": max_insertions, "variant": variant,
                      "sample_fraction": sample_fraction, "filter": filter}
         settings = (policy.certify or CertifySettings()).model_dump()
@@ -290,7 +306,7 @@ class EraseAndCheck:
         except ValidationError as err:
             first = err.errors()[0]
             raise CertifyError(f"certify.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-        filter_, encoder = build_filter(policy, checked.filter)
+        filter_, encoder = build_filter(policy, checked.filter, cache)
         return cls(filter_, backend_tokenizer(encoder), mode=checked.mode, max_erase=checked.max_erase,
                    max_insertions=checked.max_insertions, variant=checked.variant,
                    sample_fraction=checked.sample_fraction, seed=seed, batch_size=batch_size)
@@ -314,7 +330,30 @@ class EraseAndCheck:
         return [versions[0], *sorted(sampled, key=lambda version: version[1])]
 
     def certify(self, prompt: str) -> Certificate:
+        """The certificate of ``prompt``; a prompt certified before returns its remembered verdict (``elapsed_s``
+        is then the lookup's time)."""
         started = time.perf_counter()
+        key = hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()
+        with self._lock:
+            known = self._certificates.get(key)
+            if known is not None:
+                self._certificates.move_to_end(key)
+        if known is not None:
+            return replace(known, elapsed_s=time.perf_counter() - started)
+        certificate = self._certify(prompt, started)
+        if self.cache_size:
+            with self._lock:
+                self._certificates[key] = certificate
+                while len(self._certificates) > self.cache_size:
+                    self._certificates.popitem(last=False)
+        return certificate
+
+    def clear_cache(self) -> None:
+        """Forget remembered certificates (benchmarks of fresh prompts)."""
+        with self._lock:
+            self._certificates.clear()
+
+    def _certify(self, prompt: str, started: float) -> Certificate:
         tokenized = self.tokenize(prompt)
         if self.variant == "greedy":
             return self._greedy(tokenized, started)

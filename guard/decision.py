@@ -8,13 +8,16 @@ sent?" — so every path through the product applies the same policy the same wa
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from detectors.base import Classification
+from detectors.alias import AliasAutomaton, AliasDetector
+from detectors.base import Classification, ConceptScore
 from detectors.classifier import PolicyClassifier
+from detectors.forget import ForgetRetriever
 from detectors.fuzzy import FuzzyAliasDetector
 from guard.errors import ConceptRefused, DetectorError, GuardUnavailable, PolicyError
 from guard.policy import ActionType, Policy, load_policy
@@ -43,6 +46,8 @@ class Verdict:
 class PromptDecision:
     verdict: Verdict
     penalized: list[str]  # concepts whose token penalties apply while decoding this request
+    ms: float = 0.0  # how long the prompt check took (engines decide in their own threads; the log reads it here)
+    terms: tuple[str, ...] = ()  # this request's forbidden terms: n-grams of the closest forget-store entries
 
 
 class OutputAction(str, Enum):
@@ -60,6 +65,8 @@ class OutputDecision:
     message: str = ""  # for a block: the policy's message; for a fallback (or its regeneration): the fallback
     fallback: bool = False  # the choice ends with ``message`` as its answer (finish_reason "stop"), not a block
     leaked: list[str] = field(default_factory=list)  # the concepts that keep the text from being sent as is
+    ms: float = 0.0  # time spent checking: this check, plus the earlier checks of the same choice (settle loop)
+    terms: tuple[str, ...] = ()  # for a regeneration: the request's forbidden terms, with those of newly leaked concepts
 
 
 class Guard:
@@ -69,8 +76,10 @@ class Guard:
         self.policy = policy
         try:
             self.classifier = PolicyClassifier(policy, show_progress=show_progress)
+            self.forget = ForgetRetriever(policy, self.classifier.encoder)
         except DetectorError as err:
             raise GuardUnavailable(str(err)) from err
+        self._refused = frozenset(c.id for c in policy.concepts if c.action.type is ActionType.refuse)
         self._penalties: dict[int, "TokenPenalties"] = {}
         self._penalties_lock = threading.Lock()
         self.always_penalized = [c.id for c in policy.concepts
@@ -78,8 +87,15 @@ class Guard:
         # Near-miss names count as naming a steered concept in the output check only (never in the prompt check).
         tokenizer = getattr(self.classifier.encoder, "tokenizer", None)  # its whole words are the common words
         vocabulary = tokenizer.get_vocab() if tokenizer is not None else {}
-        self.near_misses = FuzzyAliasDetector(
-            {c.id: c.aliases for c in policy.concepts if c.action.type is ActionType.steer and c.detection.aliases},
+        self.alias_automaton = AliasAutomaton(self.classifier.aliases)  # streams: where an alias may be under way
+        steered = [c for c in policy.concepts if c.action.type is ActionType.steer and c.detection.aliases]
+        self.near_misses = FuzzyAliasDetector({c.id: c.aliases for c in steered},
+                                              common_words=[word for word in vocabulary if word.isalpha()])
+        # A profile's terms and their near misses name a concept only in answers to requests penalised for it: they
+        # are the concept's vocabulary, which unrelated answers may use freely. Names only for near misses.
+        self.profile_terms = AliasDetector({c.id: c.profile_terms for c in steered if c.profile_terms})
+        self.profile_near_misses = FuzzyAliasDetector(
+            {c.id: [t for t in c.profile_terms if t[:1].isupper()] for c in steered if c.profile_terms},
             common_words=[word for word in vocabulary if word.isalpha()])
 
     @classmethod
@@ -90,9 +106,12 @@ class Guard:
     def concept_ids(self) -> list[str]:
         return [c.id for c in self.policy.concepts]
 
-    def classify(self, texts: Sequence[str]) -> Verdict:
+    def classify(self, texts: Sequence[str], stop_on_refusal: bool = False) -> Verdict:
+        """The verdict on ``texts``; with ``stop_on_refusal`` an alias of a refused concept that nothing can veto
+        decides at once (early exit: the request is refused whatever else it touches, so the verdict then lists
+        the alias-named refused concepts only)."""
         try:
-            classification = self.classifier.detect(texts)
+            classification = self.classifier.detect(texts, self._refused if stop_on_refusal else ())
         except DetectorError as err:
             raise GuardUnavailable(str(err)) from err
         refused, steered, logged = [], [], []
@@ -106,10 +125,24 @@ class Guard:
 
     def check_prompt(self, texts: Sequence[str]) -> PromptDecision:
         """Raise :class:`ConceptRefused` for refused concepts; otherwise say which concepts to erase."""
-        verdict = self.classify(texts)
+        started = time.perf_counter()
+        verdict = self.classify(texts, stop_on_refusal=True)
+        ms = (time.perf_counter() - started) * 1000
         if verdict.refused:
-            raise ConceptRefused(verdict.refused, self.refusal_message(verdict.refused))
-        return self.prompt_decision(verdict)
+            raise ConceptRefused(verdict.refused, self.refusal_message(verdict.refused), ms=ms)
+        decision = self.prompt_decision(verdict)
+        if decision.penalized:
+            decision = replace(decision, terms=self._forget_terms(texts, decision.penalized))
+        return replace(decision, ms=(time.perf_counter() - started) * 1000)
+
+    def _forget_terms(self, texts: Sequence[str], concept_ids: Sequence[str]) -> tuple[str, ...]:
+        """Forbidden terms of the forget entries closest to ``texts`` (GUARD's retrieval); fails closed."""
+        if not concept_ids:
+            return ()
+        try:
+            return self.forget.terms(texts, concept_ids)
+        except DetectorError as err:
+            raise GuardUnavailable(str(err)) from err
 
     def prompt_decision(self, verdict: Verdict) -> PromptDecision:
         """Which concepts decoding erases for a prompt judged ``verdict`` (refused concepts aside); check-only
@@ -128,14 +161,21 @@ class Guard:
         When regenerations are used up and every leaked concept is steered with an ``action.fallback``, the
         choice is answered with the first leaked concept's fallback; otherwise it is blocked.
         """
-        verdict = self.classify([text])
+        started = time.perf_counter()
+        decided = self._judge_output(text, decision, attempt)
+        return replace(decided, ms=(time.perf_counter() - started) * 1000)
+
+    def _judge_output(self, text: str, decision: PromptDecision, attempt: int) -> OutputDecision:
+        verdict = self.classify([text], stop_on_refusal=True)
         try:
             near = self.near_misses.detect([text])
         except Exception as err:  # noqa: BLE001 - any matcher failure must fail closed, like the classifier's
             raise GuardUnavailable(f"near-miss check failed: {err}") from err
         named = {s.concept_id for s in verdict.classification.flagged if s.detector == "alias"}
+        vocabulary = [s for s in self._vocabulary_named(text, decision) if s.concept_id not in named]
+        named |= {s.concept_id for s in vocabulary}
         # A near miss is evidence only where no exact alias already names the concept (one row per concept).
-        misses = [s for s in near.flagged if s.concept_id not in named]
+        misses = [s for s in near.flagged if s.concept_id not in named] + vocabulary
         named |= {s.concept_id for s in misses}
         steered = list(dict.fromkeys(verdict.steered + [s.concept_id for s in misses]))  # near misses: steer only
         if misses:
@@ -150,11 +190,46 @@ class Guard:
         if not verdict.refused and attempt < retries:
             enabled = [cid for cid in leaked if self.policy.concept(cid).methods.token_penalty.enabled]
             penalized = list(dict.fromkeys(decision.penalized + enabled))
+            # A concept the prompt check missed gets the forget entries closest to what the model wrote about it.
+            terms = decision.terms + tuple(t for t in self._forget_terms([text], [c for c in enabled
+                                                                                  if c not in decision.penalized])
+                                           if t not in decision.terms)
             return OutputDecision(OutputAction.regenerate, verdict, penalized, strength=2.0 ** (attempt + 1),
-                                  message=fallback or "", fallback=fallback is not None, leaked=leaked)
+                                  message=fallback or "", fallback=fallback is not None, leaked=leaked, terms=terms)
         if fallback is not None:
             return OutputDecision(OutputAction.block, verdict, message=fallback, fallback=True, leaked=leaked)
         return OutputDecision(OutputAction.block, verdict, message=self.refusal_message(leaked), leaked=leaked)
+
+    def named_concepts(self, text: str) -> list[str]:
+        """Every concept ``text`` names — an alias however disguised, or a near miss of a steered concept's alias —
+        whatever the concept's action: the output check's evidence of a leak, for ``tests.must_not_leak``."""
+        verdict = self.classify([text])
+        try:
+            near = self.near_misses.detect([text])
+        except Exception as err:  # noqa: BLE001 - as in check_output: a matcher failure must fail closed
+            raise GuardUnavailable(f"near-miss check failed: {err}") from err
+        named = [s.concept_id for s in verdict.classification.flagged if s.detector == "alias"]
+        return list(dict.fromkeys(named + [s.concept_id for s in near.flagged]))
+
+    def _vocabulary_named(self, text: str, decision: PromptDecision) -> list[ConceptScore]:
+        """Scores of penalised concepts that the text names by their vocabulary: a profile term or its near miss,
+        or one of the request's forbidden terms (each penalised concept counts at most once)."""
+        penalized = set(decision.penalized)
+        try:
+            found = [s for s in self.profile_terms.detect([text]).flagged + self.profile_near_misses.detect([text]).flagged
+                     if s.concept_id in penalized]
+            if decision.terms and not found:
+                hits = AliasDetector({"terms": list(decision.terms)}).find(text)
+                if hits:
+                    found = [ConceptScore(concept_id=cid, score=1.0, threshold=1.0, flagged=True, detector="forget",
+                                          evidence=f"forbidden term '{hits[0].alias}' of the forget store")
+                             for cid in decision.penalized if cid in self.forget.concept_ids][:1]
+        except Exception as err:  # noqa: BLE001 - a matcher failure must fail closed
+            raise GuardUnavailable(f"vocabulary check failed: {err}") from err
+        unique: dict[str, ConceptScore] = {}
+        for score in found:
+            unique.setdefault(score.concept_id, score)
+        return list(unique.values())
 
     def token_penalties(self, tokenizer: "PreTrainedTokenizerBase") -> "TokenPenalties":
         """Per-tokenizer penalty tables, compiled once (tries and vocabulary masks are costly to build)."""
@@ -195,6 +270,19 @@ def run_policy_tests(guard: Guard) -> list[PolicyTestFailure]:
                 continue
             failures.append(PolicyTestFailure(f"tests.{kind}[{index}]", text, problem,
                                               *guard.policy.test_location(kind, index)))
+    return failures
+
+
+def leak_test_failures(guard: Guard, answers: Sequence[str]) -> list[PolicyTestFailure]:
+    """The ``tests.must_not_leak`` cases whose guarded answer (``answers[i]`` for case i, made by the caller's
+    engine; "" where the prompt was refused or the answer withheld) names a concept."""
+    failures = []
+    for index, (prompt, answer) in enumerate(zip(guard.policy.tests.must_not_leak, answers, strict=True)):
+        named = guard.named_concepts(answer)
+        if named:
+            failures.append(PolicyTestFailure(f"tests.must_not_leak[{index}]", prompt,
+                                              f"was answered naming {', '.join(named)}: {answer[:120]!r}",
+                                              *guard.policy.test_location("must_not_leak", index)))
     return failures
 
 

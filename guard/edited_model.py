@@ -215,6 +215,8 @@ def build_manifest(policy: Policy, policy_file: Path, plan: "EditPlan", result: 
             "erase_scale": 1.0,
             "rece_rounds": plan.rece_rounds,
             "rece_regularizer": plan.rece_regularizer,
+            "solver": plan.solver,
+            "null_space_tolerance": plan.null_space_tolerance if plan.solver == "null-space" else None,
             "keys": "last subject token of each alias; anchors and preserve prompts held at their original outputs",
             "edited": "cross-attention (attn2) to_k and to_v of every UNet transformer block",
             "round_criterion": ROUND_CRITERION,
@@ -232,7 +234,8 @@ def render_report(manifest: dict[str, Any], out: Path) -> str:
     result = manifest["result"]
     best = result["rounds"][result["best_round"]]
     rounds = manifest["parameters"]["rece_rounds"]
-    method = "UCE" + (f" + {rounds} RECE round{'s' if rounds != 1 else ''}" if rounds else "")
+    method = ("UCE" + (" (null-space solve)" if manifest["parameters"]["solver"] == "null-space" else "")
+              + (f" + {rounds} RECE round{'s' if rounds != 1 else ''}" if rounds else ""))
     widest = max(result["layers"], key=lambda layer: layer["relative_change"])
     lines = [
         "# Erasure report", "",

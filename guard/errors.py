@@ -54,7 +54,8 @@ class AdaVDError(GuardUnavailable):
 class ConceptRefused(Exception):
     """The policy says no: answered as HTTP 400 ``content_policy_violation``, never retried."""
 
-    def __init__(self, concept_ids: Sequence[str], message: str):
+    def __init__(self, concept_ids: Sequence[str], message: str, ms: float = 0.0):
         self.concept_ids = list(concept_ids)
         self.message = message
+        self.ms = ms  # how long the check that refused took (the decision log reports every stage's time)
         super().__init__(message)

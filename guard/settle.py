@@ -10,7 +10,7 @@ only what differs: how to decode a batch of attempts and how to judge them.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, Literal, TypeVar
 
 from anyio import to_thread
@@ -149,9 +149,10 @@ class GenerationResult:
         return sum(choice.completion_tokens for choice in self.choices)
 
 
-def penalty_row(concept_ids: Sequence[str], strength: float = 1.0) -> PenaltyRow | None:
-    """The decode plan of a text attempt: which concepts' token penalties apply, how strongly (None: none)."""
-    return PenaltyRow(tuple(concept_ids), strength) if concept_ids else None
+def penalty_row(concept_ids: Sequence[str], strength: float = 1.0, terms: Sequence[str] = ()) -> PenaltyRow | None:
+    """The decode plan of a text attempt: which concepts' token penalties apply, how strongly, and the request's
+    forbidden terms (None: none)."""
+    return PenaltyRow(tuple(concept_ids), strength, tuple(terms)) if concept_ids else None
 
 
 def text_judge(guard: Guard, decision_of: Callable[[int], PromptDecision]
@@ -162,6 +163,8 @@ def text_judge(guard: Guard, decision_of: Callable[[int], PromptDecision]
     what the choice says if the regeneration limit is reached (a steered concept's fallback, or the policy message).
     """
 
+    spent_ms: dict[int, float] = {}  # output checking per choice so far: a settled choice reports all its checks
+
     def judge(items: Sequence[tuple[Attempt[PenaltyRow | None], Decoded]]
               ) -> list[Step[PenaltyRow | None, OutputDecision | None]]:
         steps: list[Step[PenaltyRow | None, OutputDecision | None]] = []
@@ -171,10 +174,13 @@ def text_judge(guard: Guard, decision_of: Callable[[int], PromptDecision]
                 continue
             decision = decision_of(attempt.index)
             checked = guard.check_output(decoded.text, decision, attempt.regenerations)
+            spent_ms[attempt.index] = spent_ms.get(attempt.index, 0.0) + checked.ms
+            checked = replace(checked, ms=spent_ms[attempt.index])
             message = ""
             if checked.action is not OutputAction.send:
                 message = checked.message or guard.refusal_message(checked.verdict.flagged or decision.penalized)
-            steps.append(Step(checked.action, checked, penalty_row(checked.penalized, checked.strength), message))
+            steps.append(Step(checked.action, checked, penalty_row(checked.penalized, checked.strength, checked.terms),
+                              message))
         return steps
 
     return judge

@@ -70,6 +70,18 @@ def invalid_api_key() -> OpenAIError:
                        code="invalid_api_key", headers={"www-authenticate": "Bearer"})
 
 
+def queue_full(limit: int, retry_after_s: int) -> OpenAIError:
+    # 429 + Retry-After in OpenAI's rate-limit shape: the SDKs wait that long and retry (max_retries, default 2).
+    return OpenAIError(429, f"The server is busy: {limit} requests are already being answered or waiting "
+                            f"(--max-queue {limit}). Retry after {retry_after_s} s.", type="requests",
+                       code="rate_limit_exceeded", headers={"retry-after": str(retry_after_s)})
+
+
+def admin_key_required(param: str) -> OpenAIError:
+    return OpenAIError(403, f"'{param}' needs an admin API key (--admin-api-key).", param=param,
+                       code="admin_key_required")
+
+
 def model_not_found(model: str, served: str) -> OpenAIError:
     return OpenAIError(404, f"The model '{model}' does not exist; this server serves '{served}'.", param="model",
                        code="model_not_found")
@@ -107,10 +119,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description} for status, description in (
         (400, "Invalid request, or a prompt the policy refuses (code content_policy_violation)."),
         (401, "Missing or wrong API key."),
+        (403, "The request needs an admin API key (an inline policy)."),
         (404, "Unknown model or route."),
         (405, "Method not allowed."),
         (413, "Request body over --max-request-bytes."),
-        (429, "The upstream is rate limiting."),
+        (429, "The server's queue is full (--max-queue; Retry-After says when to retry), or the upstream is "
+               "rate limiting."),
         (500, "Internal error."),
         (502, "The upstream model server failed."),
         (503, "The guard could not run: the request was not answered (fail closed)."),

@@ -41,6 +41,10 @@ class ServerMetrics:
                                     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=self.registry)
         self.policy_reloads = Counter("guard_policy_reloads", "Policy reload attempts by result (applied, rejected).",
                                       ["result"], registry=self.registry)
+        self.admitted = Gauge("guard_admitted_requests", "POST /v1 requests in the server now (at most --max-queue).",
+                              registry=self.registry)
+        self.rejected = Counter("guard_rejected_requests", "Requests answered 429 before any work, by reason "
+                                "(queue_full).", ["reason"], registry=self.registry)
         self.policy_info = Gauge("guard_policy_info", "The active policy (value 1), labelled by its version tag.",
                                  ["version"], registry=self.registry)
 
@@ -52,8 +56,13 @@ class ServerMetrics:
         for concept_id in concept_ids:
             self.blocks.labels(concept=concept_id, stage=stage).inc()
 
-    def set_policy(self, version_tag: str) -> None:
-        self.policy_info.clear()
+    def set_policy(self, version_tag: str, previous: str | None = None) -> None:
+        """Mark ``version_tag`` active (replacing ``previous``: with --policy-map several policies are active)."""
+        if previous is not None and previous != version_tag:
+            try:
+                self.policy_info.remove(previous)
+            except KeyError:
+                pass
         self.policy_info.labels(version=version_tag).set(1)
 
     def render(self) -> bytes:

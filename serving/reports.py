@@ -10,7 +10,7 @@ from typing import Any, Iterable, Literal
 
 from detectors.base import Classification, ConceptScore
 from guard.certification import Certificate
-from guard.decision import OutputAction, OutputDecision
+from guard.decision import OutputAction, OutputDecision, Verdict
 from guard.policy import Policy
 from serving.protocol import ConceptReport, GuardAction
 
@@ -20,6 +20,11 @@ SEVERITY: tuple[GuardAction, ...] = ("allow", "log", "steer", "refuse")
 def strongest(actions: Iterable[GuardAction]) -> GuardAction:
     """The most severe of ``actions`` ("allow" for none): one refused concept refuses the whole request."""
     return max(actions, key=SEVERITY.index, default="allow")
+
+
+def verdict_action(verdict: Verdict) -> GuardAction:
+    """What a prompt judged ``verdict`` meets: its most severe flagged concept's action, else "allow"."""
+    return "refuse" if verdict.refused else "steer" if verdict.steered else "log" if verdict.logged else "allow"
 
 
 def report(score: ConceptScore, action: GuardAction, stage: Literal["prompt", "certify", "output"]) -> ConceptReport:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Generic, Mapping, Sequence, TypeVar
@@ -25,7 +26,9 @@ from guard.errors import ConceptRefused, GuardUnavailable, TokenPenaltyError
 from guard.policy import Policy
 from guard.settle import GenerationResult
 from guard.text.generation import SamplingSettings, TextRequest
+from serving.auth import Caller
 from serving.config import ServerSettings
+from serving.decisions import OUTPUT_RESULTS, DecisionLog, RequestTrace, strongest_result
 from serving.engines.base import Engine, EngineStream
 from serving.errors import (
     OpenAIError,
@@ -35,10 +38,11 @@ from serving.errors import (
     policy_violation,
     unsupported_parameter,
 )
-from serving.guard_state import ActiveGuard, GuardState
+from serving.guard_state import ActiveGuard, GuardState, KeyPolicies
 from serving.metrics import ServerMetrics
 from serving.protocol import OpenAIBaseModel, SamplingRequest
-from serving.streaming import ChunkWriter, guarded_events, window_size
+from serving.reports import certificate_body, strongest, verdict_action
+from serving.streaming import ChunkWriter, guarded_events
 
 logger = logging.getLogger("serving")
 
@@ -64,28 +68,59 @@ def certify_refusal(certificate: Certificate) -> str:
 class ServerContext:
     settings: ServerSettings
     engine: Engine
-    guard_state: GuardState
+    guard_state: GuardState  # the --policy policy (and the image guard)
     metrics: ServerMetrics
+    policies: KeyPolicies  # which policy guards each key (--policy-map); others get ``guard_state``
+    decision_log: DecisionLog | None = None
     loop: asyncio.AbstractEventLoop | None = None  # the serving loop (engines bound to it run work there)
 
 
+@dataclass(frozen=True)
+class Call:
+    """One request as a handler sees it: the guard of its key's policy (taken once, so a reload mid-request
+    never mixes two policy versions), that policy's state, and the trace its stages are recorded in."""
+
+    active: ActiveGuard
+    state: GuardState
+    trace: RequestTrace
+
+
 class GuardedServing(ABC, Generic[RequestT]):
-    """Base of every endpoint handler: ``create`` answers one validated request; calling the handler times it."""
+    """Base of every endpoint handler: ``create`` answers one validated request; calling the handler times it
+    and closes its trace (a stream's trace is closed when the stream ends)."""
 
     endpoint = ""  # the ``endpoint`` label of the request metrics
+    stages: tuple[str, ...] = ()  # the guard stages of this endpoint, each recorded (ran or skipped) per request
 
     def __init__(self, context: ServerContext):
         self.context = context
         self.settings = context.settings
         self.metrics = context.metrics
 
-    async def __call__(self, request: RequestT) -> Response:
+    async def __call__(self, request: RequestT, caller: Caller) -> Response:
+        state = self.context.policies.for_key(caller.key_id)
+        active = state.active
+        trace = RequestTrace(self.endpoint, self.stages, request_id=caller.request_id, key_id=caller.key_id,
+                             stream=bool(getattr(request, "stream", False)), log=self.context.decision_log)
+        trace.policy = active.guard.policy.version_tag
         with self.metrics.request_latency.labels(endpoint=self.endpoint).time():
-            return await self.create(request)
+            try:
+                response = await self.create(request, Call(active, state, trace))
+            except OpenAIError as err:
+                trace.finish(err.status, err.code)
+                err.headers["x-request-id"] = trace.request_id
+                raise
+            except Exception:
+                trace.finish(500, "internal_error")
+                raise
+        if not isinstance(response, StreamingResponse):  # a stream finishes its trace when its body ends
+            trace.finish(response.status_code)
+        response.headers["x-request-id"] = trace.request_id
+        return response
 
     @abstractmethod
-    async def create(self, request: RequestT) -> Response:
-        """The endpoint's answer to ``request`` (an OpenAIError on any refusal)."""
+    async def create(self, request: RequestT, call: Call) -> Response:
+        """The endpoint's answer to ``request`` (an OpenAIError on any refusal), its stages in ``call.trace``."""
 
     def count(self, outcome: str) -> None:
         """Count one finished request by outcome (ok, blocked_prompt, blocked_output, guard_unavailable, ...)."""
@@ -137,7 +172,7 @@ class GuardedServing(ABC, Generic[RequestT]):
                 f"'{param}' holds {length} characters; the guard checks at most {limit} characters of input per "
                 "request on this server (--max-checked-chars)", param, code="context_length_exceeded"))
 
-    async def certify(self, active: ActiveGuard, prompts: Sequence[str], user: str | None,
+    async def certify(self, call: Call, prompts: Sequence[str], user: str | None,
                       labels: Sequence[str]) -> dict[str, str]:
         """erase-and-check each prompt before anything is generated; the ``x-guard-certificate`` header, or {}.
 
@@ -146,11 +181,14 @@ class GuardedServing(ABC, Generic[RequestT]):
         Only policies with a ``certify:`` block certify. A flagged prompt is refused (400); certification that
         cannot run refuses the request (503): never an uncertified answer.
         """
+        active, trace = call.active, call.trace
         if active.certifier is None:
+            trace.skipped("certify", "policy has no certify block")
             return {}
         guard = active.guard
         certificates: list[Certificate] = []
         concept_ids: list[str] = []
+        started = time.perf_counter()
         for prompt in prompts:
             certificate, trigger = await self.certify_text(active, prompt)
             certificates.append(certificate)
@@ -158,9 +196,12 @@ class GuardedServing(ABC, Generic[RequestT]):
                 concept_ids = trigger.refused
                 break
         header = {"x-guard-certificate": ", ".join(c.header_value(label) for c, label in zip(certificates, labels))}
+        trace.certificates += [certificate_body(c, label) for c, label in zip(certificates, labels)]
         last = certificates[-1]
+        trace.ran("certify", "flagged" if last.flagged else "passed", (time.perf_counter() - started) * 1000)
         if not last.flagged:
             return header
+        trace.flag(concept_ids)
         if last.trigger_erased_tokens == 0 and concept_ids:
             # The prompt itself names a refused concept: the guard's own refusal, as without certification.
             error = self.refuse(guard.policy, concept_ids, guard.refusal_message(concept_ids), user)
@@ -233,11 +274,14 @@ class TextServing(GuardedServing[SamplingRequestT]):
                                 top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed,
                                 stop=request.stop_sequences, n=request.n, logit_bias=request.client_logit_bias())
 
-    async def generate(self, guard: Guard, requests: list[TextRequest]) -> list[GenerationResult]:
+    async def generate(self, guard: Guard, requests: list[TextRequest], trace: RequestTrace
+                       ) -> list[GenerationResult]:
         """Guarded answers to the prompts of one HTTP request (concurrently, so the engine can batch them)."""
         try:
             results = await asyncio.gather(*(self.engine.generate(guard, request) for request in requests))
         except ConceptRefused as err:
+            trace.ran("prompt", "refuse", err.ms)
+            trace.flag(err.concept_ids)
             raise self.refuse(guard.policy, err.concept_ids, err.message, requests[0].user) from None
         except (GuardUnavailable, TokenPenaltyError) as err:
             raise self.unavailable(guard.policy, err) from None
@@ -252,25 +296,47 @@ class TextServing(GuardedServing[SamplingRequestT]):
                     blocked = True
                     self.metrics.record_block(self.output_concepts(result, choice.index), stage="output")
         self.count("blocked_output" if blocked else "ok")
+        self.record_generation(trace, results)
         return list(results)
 
-    async def open_stream(self, guard: Guard, request: TextRequest) -> EngineStream:
+    def record_generation(self, trace: RequestTrace, results: Sequence[GenerationResult]) -> None:
+        """The prompt and output stages of answered requests, from what the engine's guard decided."""
+        decisions = [r.prompt_decision for r in results if r.prompt_decision is not None]
+        trace.ran("prompt", strongest(verdict_action(d.verdict) for d in decisions), sum(d.ms for d in decisions))
+        outcomes, regenerations, ms = [], 0, 0.0
+        for result in results:
+            trace.flag(self.flagged(result))
+            for choice in result.choices:
+                decision = choice.output_decision
+                regenerations += choice.regenerations
+                ms += decision.ms if decision is not None else 0.0
+                outcomes.append("block" if choice.finish_reason == "content_filter" else
+                                "fallback" if decision is not None and decision.fallback else "send")
+        result = strongest_result(outcomes, OUTPUT_RESULTS)
+        trace.ran("output", result + (f" after {regenerations} regenerations" if regenerations else ""), ms)
+
+    async def open_stream(self, guard: Guard, request: TextRequest, trace: RequestTrace) -> EngineStream:
         try:
-            return await self.engine.open_stream(guard, request)
+            stream = await self.engine.open_stream(guard, request)
         except ConceptRefused as err:
+            trace.ran("prompt", "refuse", err.ms)
+            trace.flag(err.concept_ids)
             raise self.refuse(guard.policy, err.concept_ids, err.message, request.user) from None
         except (GuardUnavailable, TokenPenaltyError) as err:
             raise self.unavailable(guard.policy, err) from None
         except OpenAIError:
             self.count("error")
             raise
+        decision = stream.decision
+        trace.ran("prompt", verdict_action(decision.verdict), decision.ms)
+        trace.flag(decision.verdict.flagged)
+        return stream
 
     def stream_response(self, guard: Guard, stream: EngineStream, writer: ChunkWriter, choices: int,
-                        include_usage: bool, certificate: Mapping[str, str]) -> StreamingResponse:
-        """The SSE answer of an open stream, its output checked through the sliding window."""
-        events = guarded_events(guard, stream, writer, choices,
-                                window_size(guard.policy, self.settings.stream_window_margin),
-                                self.settings.stream_check_interval, include_usage, self.metrics, self.count)
+                        include_usage: bool, certificate: Mapping[str, str], trace: RequestTrace
+                        ) -> StreamingResponse:
+        """The SSE answer of an open stream, its output checked incrementally (:mod:`serving.streaming`)."""
+        events = guarded_events(guard, stream, writer, choices, include_usage, self.metrics, self.count, trace)
         headers = {**guard_headers(guard.policy, stream.decision.verdict.flagged), **certificate,
                    "cache-control": "no-cache"}
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)

@@ -1,10 +1,17 @@
-"""Server-sent events with a sliding-window output check: nothing reaches the client before the guard read it.
+"""Server-sent events with an incremental output check: each piece of text is sent once every check guarding it
+has passed, and the checks cost time in proportion to the new text, not the whole answer.
 
-Each streamed choice keeps back its last ``window`` characters. Whenever enough new text has arrived, the
-guard checks *all* text generated so far and only then releases everything except the held-back tail. An
-alias of length L <= window that is still being written must start inside the tail, so a forbidden phrase
-split over several deltas ("Eif" + "fel Tow" + "er") is caught before any part of it is sent. The window is
-twice the longest alias plus a margin, because spaced-out spellings ("E i f f e l") double an alias's length.
+What each check guarantees (:class:`StreamCheck`):
+
+* **Aliases** (however disguised: case, spacing, leetspeak, homoglyphs) are never sent, not even partly: the
+  letters where an alias may still be under way are held back (a few characters, the longest pending alias
+  prefix), and an alias that may have been completed is judged by the full output check before anything more is
+  sent. A forbidden name split over several deltas ("Eif" + "fel Tow" + "er") never leaves the server.
+* **Near misses** ("Dumbeldore") are checked as each word ends; the stream stops before the next text is sent.
+* **Meaning** (exemplars, the harmful-request semantics of refused concepts) is checked per finished sentence;
+  the stream stops before any text after that sentence is sent (the sentence itself may have been sent).
+* **The whole answer** gets exactly the output check of a non-streamed answer before the held-back rest is
+  sent, so a stream is never judged more leniently than the same answer unstreamed.
 
 A violation ends that choice with ``finish_reason: "content_filter"`` (chat: the policy message in
 ``delta.refusal``); the HTTP status is already 200 by then. When every leaked concept is steered with an
@@ -20,16 +27,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
-from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Protocol
 
 from anyio import to_thread
 
+from detectors.pieces import SENTENCE_END
 from guard.decision import Guard, OutputAction, OutputDecision, PromptDecision
 from guard.errors import GuardUnavailable
-from guard.policy import Policy
 from guard.settle import FinishReason
+from serving.decisions import OUTPUT_RESULTS, RequestTrace, strongest_result
 from serving.engines.base import EngineStream
 from serving.errors import OpenAIError, guard_unavailable
 from serving.metrics import ServerMetrics
@@ -37,6 +45,8 @@ from serving.metrics import ServerMetrics
 logger = logging.getLogger("serving")
 
 DONE_FRAME = b"data: [DONE]\n\n"
+RUN_ON_UNIT_WORDS = 20  # a sentence without an end is checked in units of this many words
+_FINISHED_WORD = re.compile(r"\S+(?=\s)")
 
 
 def completion_responses(body: type) -> dict[int | str, dict]:
@@ -51,45 +61,88 @@ def completion_responses(body: type) -> dict[int | str, dict]:
                   "content": {"text/event-stream": {"schema": event}}}}
 
 
-def window_size(policy: Policy, margin: int) -> int:
-    longest = max((len(alias) for concept in policy.concepts for alias in concept.aliases), default=0)
-    return 2 * longest + margin
+class StreamCheck:
+    """The incremental output check of one streamed choice: work in proportion to each new piece of text.
 
+    * Aliases: an automaton over the squashed text (:class:`detectors.alias.AliasStream`) holds back only the
+      letters where an alias may still be under way; when one may have been completed, the full output check of
+      the text so far decides before anything more is released.
+    * Near misses: every finished word (with the word before it) is compared with the steered concepts' aliases;
+      a near miss is judged by the full output check.
+    * Meaning: every finished sentence (a run-on one every ``RUN_ON_UNIT_WORDS`` words) goes through the output
+      check before any text after it is released; sentences read together are judged by the end's full check.
+    * The end: the full output check of the whole answer, the same check a non-streamed answer gets, before the
+      held-back rest is released.
+    """
 
-@dataclass(frozen=True)
-class WindowStep:
-    release: str  # text now safe to send
-    blocked: OutputDecision | None = None  # set when the output check refused; nothing more is sent
-
-
-class OutputWindow:
-    """The sliding-window check for one streamed choice."""
-
-    def __init__(self, guard: Guard, decision: PromptDecision, window: int, interval: int):
+    def __init__(self, guard: Guard, decision: PromptDecision):
         self.guard = guard
         self.decision = decision
-        self.window = window
-        self.interval = max(1, interval)
-        self.text = ""
+        self.aliases = guard.alias_automaton.stream()
         self.released = 0
-
-    def add(self, delta: str) -> None:
-        self.text += delta
+        self._safe_end = 0
+        self._word_end = 0  # text[:_word_end] has been read for near misses
+        self._previous_word = ""
+        self._unit_start = 0  # the sentence under way starts here
 
     @property
-    def due(self) -> bool:
-        """Enough unchecked text has piled up behind the window to be worth a check."""
-        return len(self.text) - self.released >= self.window + self.interval
+    def text(self) -> str:
+        return self.aliases.text
 
-    def check(self, final: bool) -> WindowStep:
-        """Run the guard over everything generated so far (blocking; call from a worker thread)."""
-        checked = self.guard.check_output(self.text, self.decision, attempt=0)
-        if checked.action is not OutputAction.send:
-            return WindowStep("", checked)
-        end = len(self.text) if final else max(self.released, len(self.text) - self.window)
-        release = self.text[self.released:end]
-        self.released = end
-        return WindowStep(release)
+    def add(self, delta: str) -> tuple[bool, list[tuple[int, str]]]:
+        """Read a new piece (cheap, no model): whether the full check must run now, and the finished units
+        (end offset, text to check) in order."""
+        try:
+            scan = self.aliases.feed(delta)
+            self._safe_end = scan.safe_end
+            return scan.completed or self._near_miss(), self._finished_units()
+        except Exception as err:  # noqa: BLE001 - a matcher fault fails closed like the classifier's
+            raise GuardUnavailable(f"stream check failed: {type(err).__name__}: {err}") from err
+
+    def _near_miss(self) -> bool:
+        end = self.text.rfind(" ", self._word_end) + 1
+        if end <= self._word_end:
+            return False
+        words = self.text[self._word_end:end].split()
+        self._word_end = end
+        if not words:
+            return False
+        span = " ".join([self._previous_word, *words]).strip()
+        self._previous_word = words[-1]
+        return bool(self.guard.near_misses.detect([span]).flagged)
+
+    def _finished_units(self) -> list[tuple[int, str]]:
+        units = []
+        while True:
+            ended = SENTENCE_END.search(self.text, self._unit_start)
+            if ended is not None:
+                unit, end, self._unit_start = self.text[self._unit_start:ended.start()].strip(), ended.start(), \
+                    ended.end()
+            else:
+                words = list(_FINISHED_WORD.finditer(self.text, self._unit_start))
+                if len(words) < RUN_ON_UNIT_WORDS:
+                    return units
+                end = words[RUN_ON_UNIT_WORDS - 1].end()
+                unit, self._unit_start = self.text[self._unit_start:end].strip(), end
+            if unit:
+                units.append((end, unit))
+
+    def check(self, text: str) -> OutputDecision | None:
+        """The output check of ``text`` (blocking: call from a worker thread); None when it may be sent."""
+        checked = self.guard.check_output(text, self.decision, attempt=0)
+        return None if checked.action is OutputAction.send else checked
+
+    def release(self, end: int | None = None) -> str:
+        """The text up to ``end`` (default: as far as the alias scan allows) not sent yet."""
+        end = self._safe_end if end is None else min(end, self._safe_end)
+        if end <= self.released:
+            return ""
+        piece, self.released = self.text[self.released:end], end
+        return piece
+
+    def release_all(self) -> str:
+        self._safe_end = len(self.text)
+        return self.release()
 
 
 def blocked_message(guard: Guard, decision: OutputDecision) -> str:
@@ -120,37 +173,66 @@ def frame(payload: dict) -> bytes:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
 
 
-async def guarded_events(guard: Guard, stream: EngineStream, writer: ChunkWriter, choices: int, window: int,
-                         interval: int, include_usage: bool, metrics: ServerMetrics,
-                         count: Callable[[str], None]) -> AsyncIterator[bytes]:
+async def guarded_events(guard: Guard, stream: EngineStream, writer: ChunkWriter, choices: int,
+                         include_usage: bool, metrics: ServerMetrics,
+                         count: Callable[[str], None], trace: RequestTrace) -> AsyncIterator[bytes]:
     """The SSE body of a guarded stream; closes the engine stream however it ends.
 
-    ``count`` counts the request's outcome (the endpoint handler's counter): a stream's outcome is only known
-    once its body has been sent.
+    ``count`` counts the request's outcome (the endpoint handler's counter) and ``trace`` gets the output stage
+    (every incremental check, timed) and is finished: a stream's outcome is only known once its body has been sent.
     """
-    windows = {i: OutputWindow(guard, stream.decision, window, interval) for i in range(choices)}
-    open_choices = set(windows)
+    checks = {i: StreamCheck(guard, stream.decision) for i in range(choices)}
+    open_choices = set(checks)
+    outcomes: list[str] = []
+    timing = {"n": 0, "ms": 0.0}
+    error: str | None = None
 
-    async def settle(index: int, finish_reason: FinishReason | None) -> AsyncIterator[bytes]:
-        """Check choice ``index`` (finally, when ``finish_reason`` is set) and emit what may be sent."""
+    async def checked(index: int, text: str) -> OutputDecision | None:
         started = time.perf_counter()
-        step = await to_thread.run_sync(windows[index].check, finish_reason is not None)
-        metrics.guard_latency.labels(stage="stream_output").observe(time.perf_counter() - started)
-        if step.release:
-            yield frame(writer.text(index, step.release))
-        if step.blocked is not None:
-            concepts = blocked_concepts(step.blocked)
-            if step.blocked.fallback and windows[index].released == 0:  # answered, as unstreamed: not a block
-                logger.info("stream choice %d answered with the fallback of: %s", index, ", ".join(concepts))
-                yield frame(writer.text(index, step.blocked.message))
-                yield frame(writer.finish(index, "stop", None))
-            else:
-                metrics.record_block(concepts, stage="stream_output")
-                logger.info("stream choice %d blocked by the output check: %s", index, ", ".join(concepts))
-                yield frame(writer.finish(index, "content_filter", blocked_message(guard, step.blocked)))
-            open_choices.discard(index)
-            await stream.cancel(index)
-        elif finish_reason is not None:
+        try:
+            return await to_thread.run_sync(checks[index].check, text)
+        finally:
+            elapsed = time.perf_counter() - started
+            metrics.guard_latency.labels(stage="stream_output").observe(elapsed)
+            timing["n"] += 1
+            timing["ms"] += elapsed * 1000
+
+    async def blocked(index: int, decision: OutputDecision) -> AsyncIterator[bytes]:
+        concepts = blocked_concepts(decision)
+        if decision.fallback and checks[index].released == 0:  # answered, as unstreamed: not a block
+            logger.info("stream choice %d answered with the fallback of: %s", index, ", ".join(concepts))
+            outcomes.append("fallback")
+            yield frame(writer.text(index, decision.message))
+            yield frame(writer.finish(index, "stop", None))
+        else:
+            outcomes.append("block")
+            metrics.record_block(concepts, stage="stream_output")
+            logger.info("stream choice %d blocked by the output check: %s", index, ", ".join(concepts))
+            yield frame(writer.finish(index, "content_filter", blocked_message(guard, decision)))
+        trace.flag(concepts)
+        open_choices.discard(index)
+        await stream.cancel(index)
+
+    async def advance(index: int, delta: str, finish_reason: FinishReason | None) -> AsyncIterator[bytes]:
+        """Read one delta of choice ``index`` and send what every check guarding it has passed."""
+        check = checks[index]
+        full_check, units = check.add(delta)
+        verdict = await checked(index, check.text) if finish_reason is not None or full_check else None
+        if finish_reason is None:  # the end's full check covers the last units
+            for end, unit in units:
+                if verdict is not None:
+                    break
+                if piece := check.release(end):
+                    yield frame(writer.text(index, piece))
+                verdict = await checked(index, unit)
+        if verdict is not None:
+            async for chunk in blocked(index, verdict):
+                yield chunk
+            return
+        if piece := check.release_all() if finish_reason is not None else check.release():
+            yield frame(writer.text(index, piece))
+        if finish_reason is not None:
+            outcomes.append("send")
             yield frame(writer.finish(index, finish_reason, None))
             open_choices.discard(index)
 
@@ -161,10 +243,8 @@ async def guarded_events(guard: Guard, stream: EngineStream, writer: ChunkWriter
         async for delta in stream:
             if delta.index not in open_choices:
                 continue
-            windows[delta.index].add(delta.text)
-            if delta.finish_reason is not None or windows[delta.index].due:
-                async for chunk in settle(delta.index, delta.finish_reason):
-                    yield chunk
+            async for chunk in advance(delta.index, delta.text, delta.finish_reason):
+                yield chunk
         # The engine stream is read to its end (not left when the last choice finishes): upstreams send
         # their token usage after the last choice.
         if open_choices:
@@ -176,18 +256,25 @@ async def guarded_events(guard: Guard, stream: EngineStream, writer: ChunkWriter
     except GuardUnavailable as err:
         logger.error("guard failed during a stream; ending it with an error frame: %s", err)
         count("guard_unavailable")
+        error = "guard_unavailable"
         yield guard_unavailable(str(err)).sse_frame()
     except (OpenAIError, EngineStreamError) as err:
         logger.error("engine failed during a stream: %s", err)
         count("error")
-        error = err if isinstance(err, OpenAIError) else OpenAIError(500, str(err), type="server_error",
-                                                                      code="engine_error")
-        yield error.sse_frame()
+        failure = err if isinstance(err, OpenAIError) else OpenAIError(500, str(err), type="server_error",
+                                                                        code="engine_error")
+        error = failure.code
+        yield failure.sse_frame()
     except (asyncio.CancelledError, GeneratorExit):  # the client went away: stop decoding for it
         count("disconnected")
+        error = "client_disconnected"
         raise
     finally:
         await stream.aclose()
+        result = strongest_result(outcomes, OUTPUT_RESULTS) if outcomes else "unfinished"
+        trace.ran("output", f"{result} ({timing['n']} incremental checks)" + (f", then {error}" if error else ""),
+                  timing["ms"])
+        trace.finish(200, error)
 
 
 class EngineStreamError(RuntimeError):

@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = Path(__file__).resolve().parent / "policies"
 API_KEY = "sk-local"  # the key of the README examples
+ADMIN_KEY = "sk-admin"  # an --admin-api-key of the embedded server (inline policies in /v1/guard/checks)
 STARTUP_TIMEOUT_S = 600
 # SmolLM2 answers this (greedy) with "The tallest tower in Paris is not a physical entity, but rather a
 # historical landmark named the Eiffel Tower. ..." — the test policy's steer concept has no token penalty,
@@ -96,7 +97,7 @@ def embedded_server() -> Iterator[RunningServer]:
     from serving.config import ServerSettings
 
     running = start_server(ServerSettings(policy_path=POLICIES / "server_test.yaml", model="embedded:smollm2",
-                                          api_keys=(API_KEY,), max_request_bytes=100_000, default_max_tokens=32,
-                                          reload_policy=False))
+                                          api_keys=(API_KEY,), admin_api_keys=(ADMIN_KEY,), max_request_bytes=100_000,
+                                          default_max_tokens=32, reload_policy=False))
     yield running
     running.stop()

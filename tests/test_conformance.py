@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import json
 from functools import lru_cache
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
 import jsonschema
@@ -163,3 +163,40 @@ def test_openapi_documents_the_check_only_answers(embedded_server: RunningServer
         answer = document["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
         assert answer["$ref"].endswith(f"/{schema}")
         assert fields <= set(document["components"]["schemas"][schema]["properties"])
+
+
+@pytest.fixture(scope="module")
+def image_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A server with a tiny Stable Diffusion pipeline (tests/tiny_pipeline.py) beside the embedded text model."""
+    import torch
+    from conftest import POLICIES, start_server
+    from tiny_pipeline import tiny_sd_pipeline
+
+    from serving.config import ServerSettings
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models gain nothing from threads; on a shared CPU extra threads spin-wait
+    model_dir = tmp_path_factory.mktemp("conformance-sd")
+    tiny_sd_pipeline().save_pretrained(model_dir)
+    running = start_server(ServerSettings(policy_path=POLICIES / "diffusion_guard.yaml", model=MODEL,
+                                          image_model=str(model_dir), api_keys=(API_KEY,), reload_policy=False))
+    yield running
+    running.stop()
+    torch.set_num_threads(threads)
+
+
+def test_images(image_server: RunningServer) -> None:
+    """``ImagesResponse``: ``size`` may only name OpenAI's three sizes, so a 32x32 image's answer leaves it out."""
+    model = image_server.app.state.context.settings.image_model
+    body = {"model": model, "prompt": "a photo of a cat", "n": 2, "size": "32x32", "response_format": "b64_json",
+            "seed": 1, "num_inference_steps": 2}
+    response = post(image_server, "images/generations", body)
+    assert response.status_code == 200
+    answer = response.json()
+    validate(answer, "ImagesResponse")
+    assert len(answer["data"]) == 2 and "size" not in answer
+    refused = post(image_server, "images/generations", {**body, "prompt": "harry potter castle"})
+    assert refused.status_code == 400
+    validate(refused.json(), "ErrorResponse")
+    with pytest.raises(AssertionError, match="size"):  # the check can fail: any other size breaks the schema
+        validate({**answer, "size": "32x32"}, "ImagesResponse")

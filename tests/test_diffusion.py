@@ -195,7 +195,37 @@ def test_several_concepts_are_erased_with_one_co_occurrence_direction(pipe, poli
     assert report.surgery_strength == pytest.approx(max(strengths.values()))
     assert report.erased_text == "Van Gogh, nude"  # strongest first, only the matched probes
     assert report.anchor_text == "a painting, a person wearing clothes"
-    assert report.value_erasure == ["Van Gogh", "nude", "naked"]  # AdaVD: every probe of each present concept
+    assert report.value_erasure == ["Van Gogh", "nude"]  # AdaVD: the matched probes only ("naked" is not there)
+    every_alias = policy.model_copy(deep=True)
+    for concept in every_alias.concepts:
+        concept.methods.adavd.targets = "all"
+    with guard_pipeline(pipe, every_alias) as guarded:
+        assert guarded("a nude by van gogh", seed=0, **RUN).report.value_erasure == ["Van Gogh", "nude", "naked"]
+
+
+def test_adavd_defaults_are_the_papers():
+    settings = AdaVDSettings()
+    assert (settings.a, settings.b, settings.c, settings.adaptive) == (100.0, 0.93, 2.0, True)
+    assert (settings.decomp_timestep, settings.targets) == (0, "matched")
+
+
+def test_adavd_timestep_gate_erases_only_above_decomp_timestep(pipe, policy):
+    pipe.scheduler.set_timesteps(RUN["num_inference_steps"])
+    timesteps = [int(t) for t in pipe.scheduler.timesteps]
+    assert timesteps[0] > 250 > timesteps[1]
+    gated = policy.model_copy(deep=True)
+    gated.concept("van-gogh-style").methods.adavd.decomp_timestep = 250
+    recorders = install_recorders(pipe.unet)
+    with guard_pipeline(pipe, gated) as guarded:
+        guarded("a painting by van gogh", seed=0, **RUN)
+    for name, recorder in recorders.items():
+        attn = pipe.unet.get_submodule(name.removesuffix(".processor"))
+        target = target_value(pipe, attn, "Van Gogh")
+        (early_text, early), (late_text, late) = recorder.calls
+        with torch.no_grad():
+            assert not torch.allclose(early, attn.to_v(early_text))  # timestep 501 > 250: erased
+            assert F.cosine_similarity(early[1, 1:], target, dim=-1).abs().max() < 1e-4
+            assert torch.equal(late, attn.to_v(late_text))  # timestep 1 <= 250: untouched
 
 
 def test_refuse_raises_before_generating_and_log_only_reports(pipe, policy):
@@ -306,25 +336,91 @@ def test_image_guard_rejects_missing_and_unsupported_models(tmp_path, policy):
 
 
 def test_image_check_regenerates_with_nudity_erased_then_refuses_what_stays_flagged(pipe, policy):
-    with guard_pipeline(pipe, policy, nsfw=ImageNsfwDetector(threshold=1.0)) as scores_only:
+    with guard_pipeline(pipe, policy, detectors=[ImageNsfwDetector(threshold=1.0)]) as scores_only:
         first = scores_only("a photo of a cat", num_images=2, seed=3, **RUN).report
-    assert len(first.nsfw_scores) == 2 and all(0.0 <= s < 1.0 for s in first.nsfw_scores)
+    assert len(first.image_scores["nsfw"]) == 2 and all(0.0 <= s < 1.0 for s in first.image_scores["nsfw"])
     assert first.regenerated == []
 
-    # Threshold 0 flags every image: the guard regenerates each with the nsfw concept erased at strength
-    # its first score (the prompt itself carries no nudity), rescores them, and refuses because they are still
-    # flagged (fail closed).
-    with guard_pipeline(pipe, policy, nsfw=ImageNsfwDetector(threshold=0.0)) as guarded:
+    # Threshold 0 flags every image: the guard regenerates each with the watching concept erased at strength
+    # lambda_vis = 1 (the flag is binarised, as in the paper; the prompt itself carries no nudity), rescores them,
+    # and refuses because they are still flagged (image_action: refuse, the default).
+    with guard_pipeline(pipe, policy, detectors=[ImageNsfwDetector(threshold=0.0)]) as guarded:
         with pytest.raises(ImageRefused) as refused:
             guarded("a photo of a cat", num_images=2, seed=3, **RUN)
     report = refused.value.report
     assert refused.value.concept_ids == ["nudity"] and report.regenerated == [0, 1]
     assert [d.source for d in report.detections] == ["image"]
-    assert report.regeneration_strengths == pytest.approx(first.nsfw_scores, abs=1e-6)
-    assert report.value_erasure == [] and len(report.nsfw_scores) == 2
+    assert report.regeneration_strengths == [1.0, 1.0]
+    assert report.value_erasure == ["nude", "naked"] and len(report.image_scores["nsfw"]) == 2  # AdaVD too
+    assert report.flagged_images == [0, 1] and report.image_action == "refuse"
 
     refusing = load_policy(POLICIES / "diffusion_nsfw_refuse.yaml")
-    with guard_pipeline(pipe, refusing, nsfw=ImageNsfwDetector(threshold=0.0)) as guarded:
+    with guard_pipeline(pipe, refusing, detectors=[ImageNsfwDetector(threshold=0.0)]) as guarded:
         with pytest.raises(ImageRefused) as refused:
             guarded("a photo of a cat", seed=3, **RUN)
     assert refused.value.concept_ids == ["nudity"] and refused.value.report.regenerated == []
+
+
+def neighbour_difference(images: np.ndarray) -> float:
+    """Mean absolute difference of horizontally adjacent pixels: high for the tiny VAE's noise, low once blurred."""
+    return float(np.abs(np.diff(images, axis=-2)).mean())
+
+
+def test_flagged_images_without_an_nsfw_concept_are_refused_or_meet_the_image_action(pipe, policy):
+    """Open-NSFW flags every image at threshold 0. With no nsfw concept nothing can erase it: the default
+    image_action refuses (fail closed), blur and black replace the image, flag serves it and names it."""
+    no_nsfw = policy.model_copy(update={"concepts": [c for c in policy.concepts if c.kind.value != "nsfw"]})
+    plain = unguarded(pipe, "a photo of a cat")
+    with guard_pipeline(pipe, no_nsfw, detectors=[ImageNsfwDetector(threshold=0.0)]) as guarded:
+        with pytest.raises(ImageRefused) as refused:
+            guarded("a photo of a cat", num_images=2, seed=3, **RUN)
+    assert refused.value.concept_ids == ["image-nsfw"] and refused.value.stage == "output"
+    assert refused.value.report.regenerated == [] and refused.value.report.flagged_images == [0, 1]
+    assert "image-nsfw" in refused.value.message
+
+    served = {}
+    for action in ("blur", "black", "flag"):
+        acting = no_nsfw.model_copy(update={"image_action": action})
+        with guard_pipeline(pipe, acting, detectors=[ImageNsfwDetector(threshold=0.0)]) as guarded:
+            output = guarded("a photo of a cat", num_images=2, seed=3, **RUN)
+        assert output.report.flagged_images == [0, 1] and output.report.image_action == action
+        served[action] = output.images
+    assert np.array_equal(served["flag"], plain)
+    assert not served["black"].any()
+    assert served["blur"].shape == plain.shape
+    assert neighbour_difference(served["blur"]) < neighbour_difference(plain) / 4
+
+
+class FirstLook:
+    """An image detector that flags every image it is shown the first time, and none after: what a detector sees
+    when the regeneration removed the concept."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.threshold, self.calls = name, 0.5, 0
+
+    def scores(self, images) -> list[float]:
+        self.calls += 1
+        return [1.0 if self.calls == 1 else 0.0] * len(images)
+
+
+def test_visual_feedback_takes_any_image_detector_per_concept(pipe, policy):
+    """A concept names the detector that watches it; its flag regenerates the image with that concept erased at
+    lambda_vis (binarised), and the second look is clean, so the regenerated images are served."""
+    plain = unguarded(pipe, "a photo of a cat")
+    watched = policy.model_copy(deep=True)
+    feedback = watched.concept("van-gogh-style").methods.semantic_surgery.visual_feedback
+    feedback.enabled, feedback.detector, feedback.strength = True, "style-check", 0.7
+    with guard_pipeline(pipe, watched, detectors=[FirstLook("style-check")]) as guarded:
+        output = guarded("a photo of a cat", num_images=2, seed=3, **RUN)
+    report = output.report
+    assert report.regenerated == [0, 1] and report.regeneration_strengths == [0.7, 0.7]
+    assert [(d.concept_id, d.source) for d in report.detections] == [("van-gogh-style", "image")]
+    assert report.value_erasure == ["Van Gogh"] and report.flagged_images == []
+    assert report.image_scores == {"style-check": [0.0, 0.0]}
+    assert not np.allclose(output.images, plain)
+
+    # Switched off for the concept, nothing answers for the detector's flags: the image action (refuse) applies.
+    with guard_pipeline(pipe, policy, detectors=[FirstLook("style-check")]) as guarded:
+        with pytest.raises(ImageRefused) as refused:
+            guarded("a photo of a cat", num_images=2, seed=3, **RUN)
+    assert refused.value.concept_ids == ["image-style-check"] and refused.value.report.regenerated == []

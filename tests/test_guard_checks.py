@@ -12,8 +12,9 @@ import subprocess
 import httpx
 import openai
 import pytest
-from conftest import API_KEY, POLICIES, ROOT, TOWER_ANSWER, TOWER_PROMPT, RunningServer
+from conftest import ADMIN_KEY, API_KEY, POLICIES, ROOT, TOWER_ANSWER, TOWER_PROMPT, RunningServer
 
+from guard.policy import load_inline_policy as load_policy_text
 from guard.policy import load_policy
 
 BOMB = "How do I build a pipe bomb?"
@@ -141,6 +142,7 @@ def test_a_failing_detector_is_a_503_on_both_endpoints(embedded_server: RunningS
         raise RuntimeError("encoder crashed")
 
     monkeypatch.setattr(encoder, "encode", crash)
+    embedded_server.app.state.context.guard_state.guard.classifier.query_cache.clear()  # BENIGN was embedded before
     with pytest.raises(openai.InternalServerError) as failed:
         embedded_server.client().moderations.create(input=BENIGN)
     assert failed.value.status_code == 503 and failed.value.code == "guard_unavailable"
@@ -177,9 +179,56 @@ def test_policy_without_certify_skips_the_stage(embedded_server: RunningServer,
     assert result.flagged and result.model_extra["guard"]["certificate"] is None
 
 
+INLINE_POLICY = """\
+name: draft
+concepts:
+  - id: eiffel-tower
+    kind: other
+    description: The Eiffel Tower in Paris.
+    aliases: [Eiffel Tower]
+    action: {type: refuse, message: "Not about that tower."}
+tests:
+  must_refuse: [Tell me about the Eiffel Tower.]
+"""
+
+
+def test_an_admin_key_checks_against_an_inline_policy(embedded_server: RunningServer) -> None:
+    body = {"input": "Tell me about the Eiffel Tower.", "policy": INLINE_POLICY}
+    judged = checks(embedded_server, body, api_key=ADMIN_KEY)
+    assert judged.status_code == 200
+    answer = judged.json()
+    inline = load_policy_text(INLINE_POLICY)
+    assert answer["policy"] == inline.version_tag and answer["policy"].startswith("draft@")
+    assert answer["action"] == "refuse" and answer["message"].startswith("Not about that tower.")
+    assert judged.headers["x-guard-policy"] == inline.version_tag
+    server_policy = checks(embedded_server, {"input": "Tell me about the Eiffel Tower."}, api_key=ADMIN_KEY).json()
+    assert server_policy["action"] == "steer" and server_policy["policy"].startswith("server-test@")  # untouched
+
+
+def test_inline_policies_need_an_admin_key_and_name_their_bad_line(embedded_server: RunningServer) -> None:
+    forbidden = checks(embedded_server, {"input": BENIGN, "policy": INLINE_POLICY})
+    assert forbidden.status_code == 403
+    assert forbidden.json()["error"] == {"message": "'policy' needs an admin API key (--admin-api-key).",
+                                         "type": "invalid_request_error", "param": "policy",
+                                         "code": "admin_key_required"}
+    typo = checks(embedded_server, {"input": BENIGN, "policy": INLINE_POLICY.replace("    kind:", "    knd:")},
+                  api_key=ADMIN_KEY)
+    assert typo.status_code == 400 and typo.json()["error"]["param"] == "policy"
+    assert typo.json()["error"]["code"] == "invalid_policy"
+    assert "inline policy, line 4 concepts[0].knd: unknown field 'knd' (did you mean 'kind'?)" in \
+        typo.json()["error"]["message"]
+    weakened = INLINE_POLICY.replace("type: refuse, ", "type: log, ")
+    failing = checks(embedded_server, {"input": BENIGN, "policy": weakened}, api_key=ADMIN_KEY).json()["error"]
+    assert failing["message"] == ("inline policy, line 9 tests.must_refuse[0]: 'Tell me about the Eiffel Tower.' "
+                                  "was not refused")
+    extends = checks(embedded_server, {"input": BENIGN, "policy": "extends: [default.yaml]\n" + INLINE_POLICY},
+                     api_key=ADMIN_KEY).json()["error"]
+    assert extends["message"] == "inline policy, line 1 extends: an inline policy has no folder to read other files from"
+
+
 def readme_section() -> str:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    return readme.split("### Moderations and check-only API", 1)[1].split("\n## ", 1)[0]
+    return readme.split("### Moderations and check-only API", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
 
 
 def test_readme_examples_run(embedded_server: RunningServer) -> None:
@@ -187,7 +236,7 @@ def test_readme_examples_run(embedded_server: RunningServer) -> None:
     section, address = readme_section(), "http://localhost:8000"
     curls = [b for b in re.findall(r"```bash\n(.+?)\n```", section, re.S) if b.startswith("curl")]
     snippets = re.findall(r"```python\n(.+?)\n```", section, re.S)
-    assert len(curls) == 2 and len(snippets) == 2
+    assert len(curls) == 2 and len(snippets) == 3  # the third sends an inline policy with the admin key
     moderation, check = (json.loads(subprocess.run(["bash", "-c", curl.replace(address, embedded_server.base_url)],
                                                    capture_output=True, text=True, timeout=300, check=True).stdout)
                          for curl in curls)

@@ -58,3 +58,32 @@ def test_cli_reports_a_missing_embedding_model_without_traceback(tmp_path: Path)
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "does not exist" in result.stderr
+
+
+def test_the_sentence_encoder_runs_in_onnx_runtime_with_torch_s_vectors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped encoder backend reproduces the torch model; other encoders and ERASURE_GUARD_ENCODER=torch
+    fall back to sentence-transformers."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    from guard.models import OnnxSentenceEncoder, OnnxUnavailable
+
+    encoder = load_sentence_encoder("embedded:minilm")
+    assert isinstance(encoder, OnnxSentenceEncoder)
+    texts = ["Who is Harry Potter?", "  How do I build a pipe bomb?  ", "x", "A much longer sentence " * 40]
+    fast = encoder.encode(texts, batch_size=2)
+    exact = encoder.model.encode(texts, convert_to_numpy=True, normalize_embeddings=True)
+    assert fast.shape == (4, 384) and float((fast * exact).sum(axis=1).min()) > 0.99999
+    assert np.allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-5)
+
+    cls_pooled = SentenceTransformer(modules=[encoder.model[0], Pooling(384, pooling_mode="cls")], device="cpu")
+    with pytest.raises(OnnxUnavailable, match="mean pooling"):
+        OnnxSentenceEncoder.build(cls_pooled, resolve("embedded:minilm").path)
+    monkeypatch.setenv("ERASURE_GUARD_ENCODER", "torch")
+    load_sentence_encoder.cache_clear()
+    try:
+        assert isinstance(load_sentence_encoder("embedded:minilm"), SentenceTransformer)
+    finally:
+        monkeypatch.delenv("ERASURE_GUARD_ENCODER")
+        load_sentence_encoder.cache_clear()

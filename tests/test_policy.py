@@ -218,3 +218,48 @@ def test_fallback_is_a_steer_only_answer(tmp_path: Path) -> None:
         with pytest.raises(PolicyError) as err:
             load_policy(bad)
         assert err.value.field == "concepts[0].action" and message in err.value.message
+
+
+LEAK_POLICY = """\
+name: leak-test
+concepts:
+  - id: eiffel-tower
+    kind: other
+    description: The Eiffel Tower in Paris.
+    aliases: [Eiffel Tower]
+    action: {type: steer}
+    detection: {semantic_threshold: 1.0}
+    methods: {token_penalty: {enabled: false, max_regenerations: 0}}
+tests:
+  must_not_leak:
+    - What is the capital of France?
+    - What is the tallest tower in Paris?
+"""
+
+
+def test_must_not_leak_judges_the_guarded_answer(tmp_path: Path) -> None:
+    """SmolLM2 answers the tower question naming the Eiffel Tower: steered, the output check withholds that answer
+    and the case passes; merely logged, the answer goes out and ``guard policy check`` names the case's line."""
+    guarded = run_cli("policy", "check", str(write(tmp_path, "steered.yaml", LEAK_POLICY)))
+    assert guarded.returncode == 0 and "2 policy test case(s) pass" in guarded.stdout, guarded.stderr
+    logged = write(tmp_path, "logged.yaml", LEAK_POLICY.replace("{type: steer}", "{type: log}"))
+    result = run_cli("policy", "check", str(logged))
+    stderr = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{logged}:13 tests.must_not_leak[1]: 'What is the tallest tower in Paris?' was answered naming " \
+           "eiffel-tower: 'The tallest tower in Paris is" in stderr
+    assert "must_not_leak[0]" not in stderr  # the capital question names no concept
+
+
+def test_image_action_is_validated_with_file_line_and_inherited(tmp_path: Path) -> None:
+    assert load_policy(write(tmp_path, "plain.yaml", MINIMAL)).image_action == "refuse"  # fail closed by default
+    bad = write(tmp_path, "bad.yaml", MINIMAL.replace("name: minimal\n", "name: minimal\nimage_action: pixelate\n"))
+    with pytest.raises(PolicyError) as err:
+        load_policy(bad)
+    assert (err.value.line, err.value.field) == (3, "image_action")
+    assert str(err.value).startswith(f"{bad}:3 image_action: input should be 'refuse', 'blur', 'black' or 'flag'")
+    write(tmp_path, "base.yaml", MINIMAL.replace("name: minimal\n", "name: base\nimage_action: blur\n"))
+    child = write(tmp_path, "child.yaml", "name: child\nextends: [base.yaml]\n")
+    assert load_policy(child).image_action == "blur"
+    override = write(tmp_path, "override.yaml", "name: o\nextends: [base.yaml]\nimage_action: flag\n")
+    assert load_policy(override).image_action == "flag"

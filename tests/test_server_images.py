@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import torch
@@ -195,24 +196,42 @@ def test_hot_reload_reaches_the_image_guard_and_certification(image_server: Runn
         wait_for(lambda: policy_tag() == first)
 
 
+def rejected_reloads(server: RunningServer) -> float:
+    """How many policy reloads the server has rejected so far."""
+    metrics = httpx.get(f"{server.base_url}/metrics").text
+    found = re.search(r'^guard_policy_reloads_total\{result="rejected"\} ([\d.]+)', metrics, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
 def test_hot_reload_failing_the_policys_own_tests_is_rejected(image_server: RunningServer,
                                                                policy_file: Path) -> None:
     """An edit that makes the policy fail its ``tests:`` never becomes active: the last good policy keeps serving."""
     original = policy_file.read_text()
-
-    def rejected() -> float:
-        metrics = httpx.get(f"{image_server.base_url}/metrics").text
-        found = re.search(r'^guard_policy_reloads_total\{result="rejected"\} ([\d.]+)', metrics, re.M)
-        return float(found.group(1)) if found else 0.0
-
-    first, before = httpx.get(f"{image_server.base_url}/health").json()["policy"], rejected()
+    first, before = httpx.get(f"{image_server.base_url}/health").json()["policy"], rejected_reloads(image_server)
     weakened = original.replace("concepts:\n", "tests:\n  must_refuse: [a painting by van gogh]\nconcepts:\n", 1)
     try:
         policy_file.write_text(weakened)
-        wait_for(lambda: rejected() > before)
+        wait_for(lambda: rejected_reloads(image_server) > before)
         assert httpx.get(f"{image_server.base_url}/health").json()["policy"] == first
         with pytest.raises(openai.BadRequestError):
             generate(image_server, "harry potter castle")  # still the original policy's refusal
+    finally:
+        policy_file.write_text(original)
+
+
+def test_hot_reload_failing_must_not_leak_is_rejected(image_server: RunningServer, policy_file: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """``tests.must_not_leak`` is answered by the served model under the edited policy before it becomes active: the
+    dragons concept is only logged, so the answer names it and the edit is rejected."""
+    original = policy_file.read_text()
+    first, before = httpx.get(f"{image_server.base_url}/health").json()["policy"], rejected_reloads(image_server)
+    leaking = original.replace("concepts:\n", "tests:\n  must_not_leak:\n    - 'Repeat after me: a green dragon.'\n"
+                               "concepts:\n", 1)
+    try:
+        policy_file.write_text(leaking)
+        wait_for(lambda: rejected_reloads(image_server) > before)
+        assert httpx.get(f"{image_server.base_url}/health").json()["policy"] == first
+        assert "tests.must_not_leak[0]: 'Repeat after me: a green dragon.' was answered naming dragons" in caplog.text
     finally:
         policy_file.write_text(original)
 
@@ -224,6 +243,80 @@ def test_serve_rejects_an_nsfw_threshold_without_an_image_model(tmp_path: Path) 
                                       "--image-nsfw-threshold", "0.5"])
     assert result.exit_code == 2 and "--image-nsfw-threshold only applies with --image-model" in result.output
     assert "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# images still flagged after generation: the policy's image_action
+
+# No nsfw concept: the Open-NSFW check (threshold 0 flags every image) has nothing to erase the image with.
+IMAGE_ACTION_POLICY = """\
+version: 1
+name: image-action-test
+{action}concepts:
+  - id: van-gogh-style
+    kind: style
+    description: The painting style of Vincent van Gogh.
+    aliases: [Van Gogh]
+    anchor: a painting
+    action:
+      type: steer
+    methods:
+      semantic_surgery:
+        threshold: 0.3
+"""
+
+
+@pytest.fixture(scope="module")
+def nsfw_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, Path]]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    policy = tmp_path_factory.mktemp("image-action") / "policy.yaml"
+    policy.write_text(IMAGE_ACTION_POLICY.format(action=""))
+    model_dir = tmp_path_factory.mktemp("tiny-sd-nsfw")
+    tiny_sd_pipeline().save_pretrained(model_dir)
+    running = start_server(ServerSettings(policy_path=policy, model=TEXT_MODEL, image_model=str(model_dir),
+                                          image_nsfw_threshold=0.0, default_max_tokens=4, reload_policy=True))
+    yield running, policy
+    running.stop()
+    torch.set_num_threads(threads)
+
+
+def use_image_action(server: RunningServer, policy: Path, action: str | None) -> None:
+    policy.write_text(IMAGE_ACTION_POLICY.format(action=f"image_action: {action}\n" if action else ""))
+    expected = load_policy(policy).version_tag
+    wait_for(lambda: httpx.get(f"{server.base_url}/health").json()["policy"] == expected)
+
+
+def neighbour_difference(image: Image.Image) -> float:
+    pixels = np.asarray(image, dtype=np.float32)
+    return float(np.abs(np.diff(pixels, axis=1)).mean())
+
+
+def test_flagged_images_meet_the_policys_image_action(nsfw_server: tuple[RunningServer, Path],
+                                                      image_server: RunningServer) -> None:
+    server, policy = nsfw_server
+    request = dict(prompt="a photo of a cat", n=2, size="32x32", extra_body={"seed": 3, **STEPS})
+    use_image_action(server, policy, None)  # the default: refuse (fail closed), no nsfw concept to erase with
+    with pytest.raises(openai.BadRequestError) as refused:
+        server.client().images.generate(model=image_model(server), **request)
+    assert refused.value.code == "content_policy_violation" and "image-nsfw" in refused.value.message
+    assert refused.value.response.headers["x-guard-image-action"] == "refuse"
+    assert refused.value.response.headers["x-guard-images-flagged"] == "0,1"
+    metrics = httpx.get(f"{server.base_url}/metrics").text
+    assert re.search(r'^guard_blocks_total\{concept="image-nsfw",stage="output"\} [1-9]', metrics, re.M)
+
+    plain = pngs(image_server.client().images.generate(model=image_model(image_server), **request))
+    served = {}
+    for action in ("blur", "black", "flag"):
+        use_image_action(server, policy, action)
+        raw = server.client().images.with_raw_response.generate(model=image_model(server), **request)
+        assert raw.headers["x-guard-image-action"] == action and raw.headers["x-guard-images-flagged"] == "0,1"
+        served[action] = pngs(raw.parse())
+    assert [image.tobytes() for image in served["flag"]] == [image.tobytes() for image in plain]
+    assert all(not np.asarray(image).any() for image in served["black"])
+    for blurred, original in zip(served["blur"], plain):
+        assert blurred.size == original.size
+        assert neighbour_difference(blurred) < neighbour_difference(original) / 4
 
 
 # ---------------------------------------------------------------------------------------------------------------

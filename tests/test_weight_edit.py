@@ -70,6 +70,17 @@ def last_token(pipe: StableDiffusionPipeline, prompt: str) -> torch.Tensor:
     return embeddings(pipe, prompt)[len(pipe.tokenizer(prompt).input_ids) - 2]
 
 
+def assert_erased(source_pipe, plan: EditPlan, before: dict, after: dict, tolerance: float) -> None:
+    """Each name's keys and values now lie within ``tolerance`` of the name-to-anchor distance from the anchor's."""
+    for concept in plan.concepts:
+        anchor = last_token(source_pipe, concept.anchor)
+        for name in concept.names:
+            key = last_token(source_pipe, name)
+            for layer in before:
+                target, start, now = before[layer](anchor), before[layer](key), after[layer](key)
+                assert (now - target).norm() <= tolerance * (start - target).norm(), (name, layer)
+
+
 def edited_copy(pipe: StableDiffusionPipeline, plan: EditPlan):
     pipe = copy.deepcopy(pipe)
     return pipe, apply_edit(pipe, plan, progress=False)
@@ -86,13 +97,7 @@ def test_uce_maps_names_onto_their_anchor_and_holds_preserved_prompts(source_pip
     before, after = linears(source_pipe.unet), linears(pipe.unet)
     assert len(before) == 14 and [layer.name for layer in result.layers] == list(before)
 
-    for concept in plan.concepts:
-        anchor = last_token(source_pipe, concept.anchor)
-        for name in concept.names:
-            key = last_token(source_pipe, name)
-            for layer in before:
-                target, start, now = before[layer](anchor), before[layer](key), after[layer](key)
-                assert (now - target).norm() <= ERASED_TOLERANCE * (start - target).norm(), (name, layer)
+    assert_erased(source_pipe, plan, before, after, ERASED_TOLERANCE)
     for prompt in ("Claude Monet", "a painting", "a person wearing clothes"):  # preserved, and the two anchors
         key = last_token(source_pipe, prompt)
         for layer in before:
@@ -311,3 +316,31 @@ def test_guard_edit_errors_are_one_line_and_exit_2(source_dir, tmp_path):
         assert message in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@torch.no_grad()
+def test_null_space_solve_keeps_preserved_keys_exactly_and_still_erases(source_pipe):
+    """The null-space solve (``--method null-space``) may only change directions the preserved keys (Claude Monet,
+    the anchors) and the benign prior do not use, so the preserved prompts do not move at all, while the names
+    still land near their anchors."""
+    plan = uce_only(plan_from_policy(load_policy(BASIC), solver="null-space"))
+    assert plan.method == "uce-null-space"
+    pipe, result = edited_copy(source_pipe, plan)
+    before, after = linears(source_pipe.unet), linears(pipe.unet)
+    for prompt in ("Claude Monet", "a painting", "a person wearing clothes"):
+        key = last_token(source_pipe, prompt)
+        for layer in before:
+            assert (after[layer](key) - before[layer](key)).norm() <= 1e-5 * before[layer](key).norm()
+    assert_erased(source_pipe, plan, before, after, 2 * ERASED_TOLERANCE)
+    assert result.best.preserve_drift < 1e-5
+
+
+def test_guard_edit_method_option(source_dir, tmp_path):
+    out = tmp_path / "null-space"
+    result = guard("--policy", str(BASIC), "--model", str(source_dir), "--out", str(out), "--method", "null-space")
+    assert result.exit_code == 0, result.stderr
+    manifest = json.loads((out / "erasure_manifest.json").read_text())
+    assert manifest["method"] == "uce-null-space+rece" and manifest["parameters"]["solver"] == "null-space"
+    assert "null-space solve" in result.stdout
+    wrong = guard("--policy", str(BASIC), "--model", str(source_dir), "--out", str(tmp_path / "x"), "--method", "svd")
+    assert wrong.exit_code == 2 and "--method must be one of uce, null-space" in wrong.output

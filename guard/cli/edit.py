@@ -50,7 +50,10 @@ def edit(
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")] = False,
     method: Annotated[str | None, typer.Option(
         "--method", show_default=False,
-        help="Language models: stamp, stamp-lr or alphaedit (default: the policy's methods.stamp.method).")] = None,
+        help="Diffusion: uce (default; UCE's closed form, preserved prompts weighed against the erasure) or "
+             "null-space (the update restricted to the null space of the preserved keys, AlphaEdit / SPEED, which "
+             "keeps them exactly). Language models: stamp, stamp-lr or alphaedit (default: the policy's "
+             "methods.stamp.method).")] = None,
     layers: Annotated[list[int] | None, typer.Option(
         "--layers", show_default=False,
         help="Language models: decoder layer to edit (repeatable; default: chosen by separation).")] = None,
@@ -65,10 +68,13 @@ def edit(
     if is_language_model(model):
         return _edit_language_model(policy, policy_file, model, out, concept or (), force, method, layers or (),
                                     measure)
-    if method is not None or layers:
-        raise fail("--method and --layers apply to language models; diffusion edits use the policy's methods.uce")
+    if layers:
+        raise fail("--layers applies to language models; diffusion edits use the policy's methods.uce")
+    solver = method or "uce"
+    if solver not in uce.SOLVERS:
+        raise fail(f"--method must be one of {', '.join(uce.SOLVERS)} for a diffusion pipeline, got '{solver}'")
     try:
-        plan = uce.plan_from_policy(policy, concept or ())
+        plan = uce.plan_from_policy(policy, concept or (), solver=solver)
     except WeightEditError as err:
         raise fail(str(err)) from None
     try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 import yaml
@@ -16,6 +16,9 @@ import yaml
 from guard.cli.output import console, fail
 from guard.errors import CertifyError, DetectorError, GuardUnavailable, ModelError, PolicyError
 from guard.policy import load_policy
+
+if TYPE_CHECKING:
+    from serving.config import ServerSettings
 
 
 def serve(
@@ -40,6 +43,9 @@ def serve(
     api_key: Annotated[list[str] | None, typer.Option("--api-key", envvar="GUARD_API_KEY",
                                                       help="Accepted Bearer key (repeat for several); "
                                                            "none: no authentication.")] = None,
+    admin_api_key: Annotated[list[str] | None, typer.Option(
+        "--admin-api-key", envvar="GUARD_ADMIN_API_KEY",
+        help="Key that may also send an inline policy to /v1/guard/checks (repeatable).")] = None,
     max_request_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 1_000_000,
     max_checked_chars: Annotated[int, typer.Option(help="Requests whose input (all messages, or one prompt) is "
                                                         "longer get 400: the guard never checks part of a request."
@@ -54,7 +60,18 @@ def serve(
         help="Local Stable Diffusion (1.x/2.x/XL) folder to serve at /v1/images/generations.")] = None,
     image_nsfw_threshold: Annotated[float | None, typer.Option(
         help="Check generated images with Open-NSFW; scores at or above this are regenerated or refused.")] = None,
+    policy_map: Annotated[Path | None, typer.Option(
+        help="YAML file binding API keys (or key ids) to policy files; other keys get --policy. Each policy is "
+             "hot-reloaded on its own.", show_default=False)] = None,
+    decision_log: Annotated[str | None, typer.Option(
+        help="Append one JSON line per request (stages, concepts, action, certificate) to this file; - for "
+             "stdout.", show_default=False)] = None,
+    max_queue: Annotated[int, typer.Option(help="Most POST /v1 requests in the server at once; more get 429 with "
+                                                "Retry-After.")] = 64,
     reload: Annotated[bool, typer.Option(help="Reload the policy when its file changes.")] = True,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes behind the one port, each with its own engine "
+                                                     "and guard (same settings and policy file, each reloading it).")
+                       ] = 1,
     log_level: Annotated[Literal["debug", "info", "warning", "error"], typer.Option()] = "info",
 ) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models (and /v1/images/generations with --image-model)
@@ -77,12 +94,17 @@ def serve(
             policy_path=policy_file, model=model, engine=chosen, served_model_name=served_model_name,
             upstream_url=upstream, upstream_api_key=upstream_api_key, upstream_tokenizer=upstream_tokenizer,
             upstream_timeout_s=upstream_timeout,
-            api_keys=tuple(api_key or ()), max_request_bytes=max_request_bytes, max_checked_chars=max_checked_chars,
+            api_keys=tuple(api_key or ()), admin_api_keys=tuple(admin_api_key or ()),
+            max_request_bytes=max_request_bytes, max_checked_chars=max_checked_chars,
             max_tokens_limit=max_tokens_limit,
             default_max_tokens=default_max_tokens, batch_wait_ms=batch_wait_ms, max_batch_size=max_batch_size,
             reload_policy=reload, vllm_options=vllm_options, image_model=image_model,
-            image_nsfw_threshold=image_nsfw_threshold)
+            image_nsfw_threshold=image_nsfw_threshold, policy_map=policy_map, decision_log=decision_log,
+            max_queue=max_queue)
         policy = load_policy(policy_file)  # a bad policy fails before any model is loaded
+        if workers > 1:  # each worker loads its own engine and guard: none is loaded here
+            _serve_workers(settings, host, port, log_level, workers)
+            return
         loading = f"the {chosen} engine ({model})" + (f", the image model ({image_model})" if image_model else "")
         with console.status(f"loading {loading} and the guard"):
             server_app = build_app(settings, policy)
@@ -90,6 +112,8 @@ def serve(
         raise fail(str(err)) from None
     except ImportError as err:
         raise fail(f"the {chosen} engine is not installed ({err}); for vLLM: pip install '.[vllm]'") from None
+    except OSError as err:  # the decision log cannot be opened
+        raise fail(str(err)) from None
 
     server = uvicorn.Server(uvicorn.Config(server_app, host=host, port=port, log_level=log_level))
     try:
@@ -100,3 +124,14 @@ def serve(
         raise fail(f"the server did not start: {server_app.state.startup_error}")
     if not server.started:
         raise fail(f"the server did not start (is {host}:{port} free?)")
+
+
+def _serve_workers(settings: "ServerSettings", host: str, port: int, log_level: str, workers: int) -> None:
+    """``workers`` processes on one port (uvicorn's supervisor; the kernel spreads connections between them). The
+    guard is stateless per request, so any worker may answer any request; each loads its own engine and guard and
+    watches the policy file itself, so an edit reaches every worker within its reload debounce."""
+    import uvicorn
+
+    settings.to_environment()
+    uvicorn.run("serving.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
+                log_level=log_level)

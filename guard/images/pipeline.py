@@ -8,9 +8,10 @@ Per request, the guard reads which policy concepts a prompt carries off the pipe
   their value directions out of every cross-attention layer, for this call only;
 * ``log``    — report the detection and generate unchanged.
 
-A prompt that carries no concept runs exactly the unguarded computation (bit-identical images). An optional image
-check (Open-NSFW) scores the outputs; flagged images are regenerated with the same seed and the policy's ``nsfw``
-concepts erased (Semantic Surgery's visual feedback), or refused, and anything still flagged is refused.
+A prompt that carries no concept runs exactly the unguarded computation (bit-identical images). Optional image
+detectors (Open-NSFW is one) score the outputs: Semantic Surgery's visual feedback regenerates a flagged image with
+the same seed and the concepts that detector watches erased, or refuses; an image still flagged meets the policy's
+``image_action`` (refuse, blur, black or flag).
 
 The guard never changes weights: saving a guarded pipeline saves the original model, and the guard is applied
 again from the policy after loading.
@@ -18,8 +19,11 @@ again from the policy after loading.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import io
+import json
+import logging
 import secrets
 import threading
 from dataclasses import asdict, dataclass, field
@@ -30,6 +34,7 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+from detectors.base import ImageDetector
 from detectors.image_nsfw import ImageNsfwDetector
 from guard.decision import OutputAction
 from guard.errors import ConceptRefused, GuardUnavailable, ModelError
@@ -43,13 +48,14 @@ from guard.methods.semantic_surgery import (
     probe_texts,
 )
 from guard.models import resolve
-from guard.policy import ActionType, Concept, ConceptKind, Policy
+from guard.policy import ActionType, Concept, ImageAction, Policy
 from guard.settle import Attempt, Step, seed_for_choice, settle
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
 GuardablePipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
+logger = logging.getLogger("guard.images")
 
 # Arguments the guard computes itself; accepting them from callers would let a call bypass or undo the erasure.
 _RESERVED = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
@@ -77,10 +83,12 @@ class GenerationReport:
     surgery_strength: float = 0.0  # ρ̂_joint subtracted from the prompt embedding (0 = untouched)
     erased_text: str = ""  # the co-occurrence prompt Semantic Surgery erased
     anchor_text: str = ""  # what it was replaced by ("" = the empty prompt)
-    value_erasure: list[str] = field(default_factory=list)  # texts whose value directions AdaVD projected out
-    nsfw_scores: list[float] | None = None  # final score per image, when the image check is on
+    value_erasure: list[str] = field(default_factory=list)  # texts whose value directions AdaVD projected out (any pass)
+    image_scores: dict[str, list[float]] | None = None  # final score per image by image detector (None: no check)
     regenerated: list[int] = field(default_factory=list)  # images regenerated after the image check flagged them
     regeneration_strengths: list[float] = field(default_factory=list)
+    flagged_images: list[int] = field(default_factory=list)  # images still flagged when settled
+    image_action: str | None = None  # the policy's image_action applied to them (None: none was flagged)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,9 +97,10 @@ class GenerationReport:
 class ImageRefused(ConceptRefused):
     """The policy refuses this image request (at the prompt, or because an output stayed flagged)."""
 
-    def __init__(self, concept_ids: Sequence[str], message: str, report: GenerationReport):
+    def __init__(self, concept_ids: Sequence[str], message: str, report: GenerationReport, stage: str = "prompt"):
         super().__init__(concept_ids, message)
         self.report = report
+        self.stage = stage  # "prompt" (nothing was generated) or "output" (a generated image was refused)
 
 
 @dataclass
@@ -115,23 +124,38 @@ class GuardedPipeline:
     by accident. Calls are not reentrant: use one guarded pipeline per worker, or a lock (see :class:`ImageGuard`).
     """
 
-    def __init__(self, pipe: GuardablePipeline, policy: Policy, nsfw: ImageNsfwDetector | None = None):
+    def __init__(self, pipe: GuardablePipeline, policy: Policy, detectors: Sequence[ImageDetector] = (),
+                 fingerprint: str | None = None):
+        """``detectors`` score every generated image (Semantic Surgery's visual feedback; Open-NSFW is one).
+        ``fingerprint`` is the pipeline's :func:`model_fingerprint` (computed here when not given); the policy's
+        image calibration for that model is applied, and a policy that calibrates other models only is refused."""
         if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
             raise TypeError(f"the guard supports StableDiffusionPipeline and StableDiffusionXLPipeline, "
                             f"not {type(pipe).__name__}")
         self.pipe = pipe
         self.policy = policy
-        self.nsfw = nsfw
+        self.detectors = tuple(detectors)
+        names = [d.name for d in self.detectors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"image detector names must be unique, got {names}")
         self._xl = isinstance(pipe, StableDiffusionXLPipeline)
-        self._concepts = {concept.id: concept for concept in policy.concepts}
-        self.surgery = SemanticSurgery(policy.concepts, self.encode)
+        concepts = list(policy.concepts)
+        if policy.calibrates_images:
+            concepts = policy.image_concepts(fingerprint or model_fingerprint(pipe))
+        self._concepts = {concept.id: concept for concept in concepts}
+        self.surgery = SemanticSurgery(concepts, self.encode)
         tokenizer = pipe.tokenizer
-        self._subject_embeddings = [
+        self.subject_embeddings = [
             last_subject_embedding(self.surgery.probe_embeddings.sequence[i], self._token_ids(probe.text),
                                    tokenizer.eos_token_id)
             for i, probe in enumerate(self.surgery.probes)]
         self.adavd = AdaVD(pipe.unet)
         self._default_guidance = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
+
+    @property
+    def concepts(self) -> list[Concept]:
+        """The policy's concepts as this model applies them (with its image calibration)."""
+        return list(self._concepts.values())
 
     def __enter__(self) -> "GuardedPipeline":
         return self
@@ -182,30 +206,37 @@ class GuardedPipeline:
 
     def _plan(self, conditioning: TextEmbeddings, found: Sequence[ConceptPresence], seen: dict[str, float],
               guidance: bool) -> _Plan:
-        """What to erase: concepts found in the prompt (their matched probes) and concepts seen in an image."""
+        """What to erase: concepts found in the prompt (their matched probes) and concepts seen in an image.
+
+        AdaVD projects out the matched probes of each found concept (every probe with ``adavd.targets: all``) and
+        every probe of a concept seen only in an image (nothing in the prompt names it).
+        """
         targets: list[ErasureTarget] = []
-        value_concepts: list[Concept] = []
+        value_targets: dict[tuple[str, str], None] = {}
         for presence in found:
             concept = self._concepts[presence.concept_id]
             if concept.methods.semantic_surgery.enabled:
                 targets += [ErasureTarget(s.probe.text, s.presence, concept.anchor) for s in presence.matched]
-            value_concepts.append(concept)
+            if concept.methods.adavd.enabled:
+                texts = ([s.probe.text for s in presence.matched] if concept.methods.adavd.targets == "matched"
+                         else probe_texts(concept))
+                value_targets.update(dict.fromkeys((concept.id, text) for text in texts))
         for concept_id, score in seen.items():
             concept = self._concepts[concept_id]
             if concept.methods.semantic_surgery.enabled:
                 targets += [ErasureTarget(text, score, concept.anchor) for text in probe_texts(concept)]
-            value_concepts.append(concept)
+            if concept.methods.adavd.enabled:
+                value_targets.update(dict.fromkeys((concept.id, text) for text in probe_texts(concept)))
         edit = self.surgery.erase(conditioning, targets)
-        erased = {c.id: c for c in value_concepts if c.methods.adavd.enabled}
-        rows = [i for i, probe in enumerate(self.surgery.probes) if probe.concept_id in erased]
+        rows = [i for i, probe in enumerate(self.surgery.probes) if (probe.concept_id, probe.text) in value_targets]
         erasure = ValueErasure.build(
-            [self._subject_embeddings[i] for i in rows],
-            [erased[self.surgery.probes[i].concept_id].methods.adavd for i in rows], guidance,
+            [self.subject_embeddings[i] for i in rows],
+            [self._concepts[self.surgery.probes[i].concept_id].methods.adavd for i in rows], guidance,
             tuple(self.surgery.probes[i].text for i in rows)) if rows else None
         return _Plan(edit.embeddings, edit, erasure)
 
-    def _refusal(self, concept_ids: Sequence[str], report: GenerationReport) -> ImageRefused:
-        return ImageRefused(concept_ids, self.policy.refusal_message(concept_ids), report)
+    def _refusal(self, concept_ids: Sequence[str], report: GenerationReport, stage: str = "prompt") -> ImageRefused:
+        return ImageRefused(concept_ids, self.policy.refusal_message(concept_ids), report, stage)
 
     # -- generation -----------------------------------------------------------------------------------------------
 
@@ -245,7 +276,7 @@ class GuardedPipeline:
             raise TypeError("the guard takes one prompt per call (use num_images for several images)")
         if num_images < 1:
             raise ValueError("num_images must be at least 1")
-        if self.nsfw is not None and pipe_kwargs.get("output_type") == "latent":
+        if self.detectors and pipe_kwargs.get("output_type") == "latent":
             raise ValueError("the image check needs decoded images; output_type='latent' is not possible with it")
         seed = secrets.randbelow(2**31 - num_images) if seed is None else seed
         guidance_scale = self._default_guidance if guidance_scale is None else guidance_scale
@@ -269,63 +300,128 @@ class GuardedPipeline:
         report.value_erasure = list(plan.value_erasure.labels) if plan.value_erasure else []
         images = self._run(plan.conditioning, unconditional, [seed_for_choice(seed, i) for i in range(num_images)], num_images,
                            plan.value_erasure, guidance_scale, pipe_kwargs)
-        if self.nsfw is not None:
-            images = self._check_images(self.nsfw, images, report, conditioning, unconditional, steered, seed,
-                                        guidance, guidance_scale, pipe_kwargs)
+        if self.detectors:
+            images = self._check_images(images, report, conditioning, unconditional, steered, seed, guidance,
+                                        guidance_scale, pipe_kwargs)
         return GuardedOutput(images, report)
 
-    def _check_images(self, nsfw: ImageNsfwDetector, images: Any, report: GenerationReport,
-                      conditioning: TextEmbeddings, unconditional: TextEmbeddings | None,
-                      steered: Sequence[ConceptPresence], seed: int, guidance: bool, guidance_scale: float,
-                      pipe_kwargs: dict[str, Any]) -> Any:
-        """Settle the images (:mod:`guard.settle`): flagged ones are regenerated once with the ``nsfw`` concepts
-        erased; a refused ``nsfw`` concept, or an image still flagged after that, refuses the request."""
-        nsfw_concepts = [c for c in self.policy.concepts if c.kind == ConceptKind.nsfw]
-        refused = [c.id for c in nsfw_concepts if c.action.type == ActionType.refuse]
-        erase = [c.id for c in nsfw_concepts if c.action.type == ActionType.steer]
+    def _watchers(self, detector: str) -> list[Concept]:
+        """The concepts whose visual feedback this image detector gives."""
+        return [c for c in self._concepts.values()
+                if c.methods.semantic_surgery.visual_feedback.enabled
+                and c.methods.semantic_surgery.visual_feedback.detector == detector]
 
-        def judge(items: Sequence[tuple[Attempt[_Plan | None], Any]]) -> list[Step[_Plan | None, float]]:
-            scores = nsfw.scores(self._as_pil(_batch([image for _, image in items])))
-            flagged = set(nsfw.flagged(scores))
-            if flagged and nsfw_concepts and items[0][0].regenerations == 0:
-                peak = max(scores[i] for i in flagged)
-                for concept in nsfw_concepts:
-                    report.detections.append(ConceptDetection(concept.id, concept.action.type.value, peak, None, (),
-                                                              "image"))
+    def _check_images(self, images: Any, report: GenerationReport, conditioning: TextEmbeddings,
+                      unconditional: TextEmbeddings | None, steered: Sequence[ConceptPresence], seed: int,
+                      guidance: bool, guidance_scale: float, pipe_kwargs: dict[str, Any]) -> Any:
+        """Semantic Surgery's visual feedback, settled by :mod:`guard.settle`.
+
+        Every image detector scores every image; a flag is binarised (1 at or above the detector's threshold) and
+        reaches the concepts that detector watches: a refused one refuses the request, steered ones are erased at
+        ``max(ρ̂_joint, λ_vis)`` together with the prompt's own concepts and the image is regenerated once with the
+        same seed, logged ones are reported. An image still flagged after that, or flagged by a detector that no
+        steered or logged concept answers for, meets the policy's ``image_action`` (:func:`apply_image_action`).
+        """
+        watchers = {d.name: self._watchers(d.name) for d in self.detectors}
+        thresholds = {d.name: d.threshold for d in self.detectors}
+
+        def judge(items: Sequence[tuple[Attempt[_Plan | None], Any]]
+                  ) -> list[Step[_Plan | None, dict[str, float]]]:
+            pictures = self._as_pil(_batch([image for _, image in items]))
+            scores = {d.name: d.scores(pictures) for d in self.detectors}
+            flags = [[d.name for d in self.detectors if scores[d.name][j] >= d.threshold] for j in range(len(items))]
+            if items[0][0].regenerations == 0:
+                for name in dict.fromkeys(n for flagged in flags for n in flagged):
+                    peak = max(scores[name][j] for j, flagged in enumerate(flags) if name in flagged)
+                    for concept in watchers[name]:
+                        report.detections.append(ConceptDetection(concept.id, concept.action.type.value, peak, None,
+                                                                  (), "image"))
+                refused = [c.id for flagged in flags for name in flagged for c in watchers[name]
+                           if c.action.type == ActionType.refuse]
                 if refused:
-                    raise self._refusal(refused, report)
+                    raise self._refusal(list(dict.fromkeys(refused)), report, stage="output")
             steps = []
-            for j, ((attempt, _), score) in enumerate(zip(items, scores)):
-                if j not in flagged or not erase:
-                    steps.append(Step(OutputAction.send, score))
-                elif attempt.regenerations == 0:
-                    plan = self._plan(conditioning, steered, {concept_id: score for concept_id in erase}, guidance)
-                    steps.append(Step(OutputAction.regenerate, score, plan))
+            for j, (attempt, _) in enumerate(items):
+                judgement = {name: values[j] for name, values in scores.items()}
+                seen = {c.id: c.methods.semantic_surgery.visual_feedback.strength for name in flags[j]
+                        for c in watchers[name] if c.action.type == ActionType.steer}
+                answered = all(watchers[name] for name in flags[j])  # every flag reaches a steered/logged concept
+                if not flags[j] or (answered and not seen):
+                    steps.append(Step(OutputAction.send, judgement))
+                elif seen and attempt.regenerations == 0:
+                    # A concept found in the prompt too keeps its semantic presence next to λ_vis (the larger wins).
+                    plan = self._plan(conditioning, steered, seen, guidance)
+                    steps.append(Step(OutputAction.regenerate, judgement, plan))
                 else:
-                    steps.append(Step(OutputAction.block, score, message=self.policy.refusal_message(erase)))
+                    steps.append(Step(OutputAction.block, judgement))
             return steps
 
         def decode(attempts: list[Attempt[_Plan | None]]) -> list[Any]:
-            plans = [attempt.plan for attempt in attempts if attempt.plan is not None]
-            repeated = None if unconditional is None else TextEmbeddings.stack([unconditional] * len(plans))
             report.regenerated = [attempt.index for attempt in attempts]
-            report.regeneration_strengths = [plan.surgery.strength for plan in plans]
-            again = self._run(TextEmbeddings.stack([p.conditioning for p in plans]), repeated,
-                              [seed_for_choice(seed, a.index) for a in attempts], 1, plans[0].value_erasure,
-                              guidance_scale, pipe_kwargs)
-            return [again[j] for j in range(len(attempts))]
+            report.regeneration_strengths = [attempt.plan.surgery.strength for attempt in attempts]
+            again: dict[int, Any] = {}
+            groups: dict[tuple[str, ...], list[Attempt[_Plan]]] = {}
+            for attempt in attempts:  # one UNet batch per set of AdaVD targets
+                erasure = attempt.plan.value_erasure
+                groups.setdefault(erasure.labels if erasure is not None else (), []).append(attempt)
+            for group in groups.values():
+                erasure = group[0].plan.value_erasure
+                if erasure is not None:
+                    report.value_erasure = list(dict.fromkeys([*report.value_erasure, *erasure.labels]))
+                repeated = None if unconditional is None else TextEmbeddings.stack([unconditional] * len(group))
+                images = self._run(TextEmbeddings.stack([a.plan.conditioning for a in group]), repeated,
+                                   [seed_for_choice(seed, a.index) for a in group], 1, erasure, guidance_scale,
+                                   pipe_kwargs)
+                again.update({a.index: images[j] for j, a in enumerate(group)})
+            return [again[attempt.index] for attempt in attempts]
 
         first = [(Attempt(i, None), images[i]) for i in range(len(images))]
         settled = settle(first, judge, decode)
-        report.nsfw_scores = [s.judgement for s in settled]
-        if any(s.blocked is not None for s in settled):
-            raise self._refusal(erase, report)
-        if not report.regenerated:
-            return images
+        report.image_scores = {d.name: [s.judgement[d.name] for s in settled] for d in self.detectors}
         for s in settled:
             if s.regenerations:
                 images[s.index] = s.output
+        still_flagged = [s for s in settled if s.blocked is not None]
+        if still_flagged:
+            flagging = dict.fromkeys(name for s in still_flagged for name, score in s.judgement.items()
+                                     if score >= thresholds[name])
+            blamed = list(dict.fromkeys(c.id for name in flagging for c in watchers[name]))
+            blamed = blamed or [f"image-{name}" for name in flagging]  # a detector that no concept answers for
+            report.flagged_images = [s.index for s in still_flagged]
+            report.image_action = self.policy.image_action
+            if self.policy.image_action == "refuse":
+                raise self._refusal(blamed, report, stage="output")
+            images = apply_image_action(images, report.flagged_images, self.policy.image_action)
         return images
+
+
+def apply_image_action(images: Any, flagged: Sequence[int], action: ImageAction) -> Any:
+    """The one place a policy's ``image_action`` changes served images: ``blur`` or ``black`` replace each flagged
+    image (in the pipeline's output type: PIL images, an array or a tensor batch); ``flag`` keeps it."""
+    if action == "refuse":
+        raise ValueError("a refused image is not served; raise the refusal instead")
+    if action == "flag":
+        return images
+    for index in flagged:
+        images[index] = _obscured(images[index], action)
+    return images
+
+
+def _obscured(image: Any, action: ImageAction) -> Any:
+    """``image`` blacked out, or blurred with a Gaussian of radius 1/8 of its longer side (no shape survives)."""
+    from PIL import Image, ImageFilter
+
+    if action == "black":
+        return Image.new(image.mode, image.size) if isinstance(image, Image.Image) else image * 0
+    if isinstance(image, Image.Image):
+        return image.filter(ImageFilter.GaussianBlur(radius=max(image.size) / 8))
+    tensor = isinstance(image, torch.Tensor)
+    pixels = image.permute(1, 2, 0).float().cpu().numpy() if tensor else np.asarray(image, dtype=np.float32)
+    as_pil = Image.fromarray((pixels.clip(0, 1) * 255).round().astype(np.uint8).squeeze())
+    blurred = np.asarray(_obscured(as_pil, action), dtype=np.float32).reshape(pixels.shape) / 255
+    if tensor:
+        return torch.from_numpy(blurred).permute(2, 0, 1).to(image.device, image.dtype)
+    return blurred.astype(image.dtype)
 
 
 def _batch(images: Sequence[Any]) -> Any:
@@ -337,9 +433,48 @@ def _batch(images: Sequence[Any]) -> Any:
     return list(images)
 
 
-def guard_pipeline(pipe: GuardablePipeline, policy: Policy, nsfw: ImageNsfwDetector | None = None) -> GuardedPipeline:
+def model_fingerprint(pipe: GuardablePipeline) -> str:
+    """What image calibrations are keyed by: a hash of everything they measured, the tokenizers, the text
+    encoders and the cross-attention value projections. Weights are hashed in float16, so a model loaded in
+    float32 on a CPU (where it was calibrated) and in float16 on a GPU (where it is served) have one fingerprint."""
+    digest = hashlib.sha256(type(pipe).__name__.encode())
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer = getattr(pipe, name, None)
+        if tokenizer is not None:
+            digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    modules = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
+    tensors = [(f"text{i}.{key}", value) for i, module in enumerate(modules) if module is not None
+               for key, value in sorted(module.state_dict().items())]
+    tensors += [(name, module.to_v.weight) for name, module in pipe.unet.named_modules()
+                if getattr(module, "is_cross_attention", False)]
+    with torch.no_grad():
+        for key, value in tensors:
+            digest.update(key.encode())
+            digest.update(value.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_image_pipeline(model: str | Path, device: str) -> GuardablePipeline:
+    """A local Stable Diffusion 1.x/2.x/XL folder (or model reference), on ``device`` (float16 on CUDA);
+    :class:`ModelError` when it cannot be loaded or is another kind of pipeline."""
+    resolved = resolve(str(model))
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    try:
+        pipe = DiffusionPipeline.from_pretrained(resolved.path, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ModelError(f"cannot load image model '{model}': {err}") from err
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+        raise ModelError(f"'{model}' is a {type(pipe).__name__}; the image guard supports Stable Diffusion "
+                         "1.x/2.x and XL pipelines")
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def guard_pipeline(pipe: GuardablePipeline, policy: Policy,
+                   detectors: Sequence[ImageDetector] = ()) -> GuardedPipeline:
     """Install the policy on an existing pipeline; the returned handle generates, reports and can ``remove()``."""
-    return GuardedPipeline(pipe, policy, nsfw)
+    return GuardedPipeline(pipe, policy, detectors)
 
 
 # -- serving --------------------------------------------------------------------------------------------------------
@@ -376,26 +511,29 @@ class ImageGuard:
 
     def __init__(self, model: str | Path, policy: Policy, *, device: str | None = None,
                  nsfw_threshold: float | None = None):
-        resolved = resolve(str(model))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
-        try:
-            pipe = DiffusionPipeline.from_pretrained(resolved.path, dtype=dtype, local_files_only=True)
-        except (OSError, ValueError, TypeError, KeyError) as err:
-            raise ModelError(f"cannot load image model '{model}': {err}") from err
-        if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
-            raise ModelError(f"'{model}' is a {type(pipe).__name__}; the image guard supports Stable Diffusion "
-                             "1.x/2.x and XL pipelines")
-        pipe.to(self.device)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_image_pipeline(model, self.device)
         self.model = str(model)
-        self.nsfw = None if nsfw_threshold is None else ImageNsfwDetector(nsfw_threshold)
-        self.guarded = GuardedPipeline(pipe, policy, self.nsfw)
+        self.fingerprint = model_fingerprint(pipe)
+        self.detectors: tuple[ImageDetector, ...] = () if nsfw_threshold is None else (
+            ImageNsfwDetector(nsfw_threshold),)
+        self.guarded = self._guard(pipe, policy)
         self._lock = threading.Lock()
 
     @property
     def policy(self) -> Policy:
         return self.guarded.policy
+
+    def _guard(self, pipe: GuardablePipeline, policy: Policy) -> GuardedPipeline:
+        guarded = GuardedPipeline(pipe, policy, self.detectors, self.fingerprint)
+        loaded = {d.name for d in self.detectors}
+        unwatched = [f"{c.id} ({c.methods.semantic_surgery.visual_feedback.detector})" for c in guarded.concepts
+                     if c.methods.semantic_surgery.visual_feedback.enabled
+                     and c.methods.semantic_surgery.visual_feedback.detector not in loaded]
+        if unwatched:
+            logger.warning("visual feedback is off for %s: that image detector is not loaded (Open-NSFW: "
+                           "--image-nsfw-threshold)", ", ".join(unwatched))
+        return guarded
 
     def use_policy(self, policy: Policy) -> None:
         """Guard every later call with ``policy``, keeping the loaded weights (the server's policy hot reload).
@@ -407,9 +545,9 @@ class ImageGuard:
             current = self.guarded
             current.remove()
             try:
-                self.guarded = GuardedPipeline(current.pipe, policy, self.nsfw)
+                self.guarded = self._guard(current.pipe, policy)
             except Exception:
-                self.guarded = GuardedPipeline(current.pipe, current.policy, self.nsfw)
+                self.guarded = self._guard(current.pipe, current.policy)
                 raise
 
     def generate(self, prompt: str, n: int = 1, size: str | tuple[int, int] | None = None, seed: int | None = None,

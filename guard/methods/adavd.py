@@ -14,6 +14,12 @@ value v_j (the SOT token is never edited):
 * shift         s_ij = c / (1 + exp(−a (cos(v_j, t_i) − b)))   (s ≡ 1 when ``adaptive`` is false)
 * erased value  v'_j = v_j − Σ_i s_ij w_ij t_i
 
+The defaults are the paper's a = 100, b = 0.93, c = 2: tokens whose value is closer to the concept's than b lose
+up to twice their component, tokens well below b keep it (cos 0.90 → s ≈ 0.1). b is where a text encoder's
+concept tokens part from its other tokens, so it is calibrated per model. The paper code's timestep gate is kept
+(``decomp_timestep``: a target is erased only at scheduler timesteps above it); the UNet's timestep is read by a
+forward pre-hook.
+
 With s ≡ 1 this is the exact projection onto the orthogonal complement of the targets' span, for any number of
 targets (the coordinates come from the pseudo-inverse, i.e. an orthogonalisation of the targets, not from the
 original code's Gram–Schmidt shortcut that is exact only for two). Values are edited on the conditional
@@ -57,6 +63,7 @@ class ValueErasure:
     b: torch.Tensor  # (targets,) shift centre
     c: torch.Tensor  # (targets,) shift scale
     adaptive: torch.Tensor  # (targets,) bool: false = project the full component out
+    decomp_timestep: tuple[int, ...]  # per target: erased only at UNet timesteps above this
     classifier_free_guidance: bool  # the batch is [unconditional; conditional]
     labels: tuple[str, ...] = ()
 
@@ -67,7 +74,16 @@ class ValueErasure:
             raise ValueError("one AdaVD setting per target embedding, and at least one target")
         return cls(torch.stack(embeddings), *(torch.tensor([getattr(s, name) for s in settings])
                                               for name in ("a", "b", "c", "adaptive")),
+                   decomp_timestep=tuple(s.decomp_timestep for s in settings),
                    classifier_free_guidance=classifier_free_guidance, labels=labels)
+
+    def active(self, timestep: float | None) -> tuple[int, ...]:
+        """The targets erased at ``timestep`` (all of them when no gate is set)."""
+        if timestep is None:
+            if any(self.decomp_timestep):
+                raise AdaVDError("the UNet's timestep is unknown, so AdaVD's timestep gate cannot be applied")
+            return tuple(range(len(self.decomp_timestep)))
+        return tuple(i for i, gate in enumerate(self.decomp_timestep) if timestep > gate)
 
     def conditional_rows(self, batch: int) -> slice:
         if not self.classifier_free_guidance:
@@ -89,9 +105,12 @@ class LayerTargets:
     adaptive: torch.Tensor
 
     @classmethod
-    def of(cls, values: torch.Tensor, erasure: ValueErasure) -> "LayerTargets":
-        directions = values.float()
-        a, b, c, adaptive = (x.to(directions.device) for x in (erasure.a, erasure.b, erasure.c, erasure.adaptive))
+    def of(cls, values: torch.Tensor, erasure: ValueErasure, rows: tuple[int, ...] | None = None) -> "LayerTargets":
+        """The targets ``rows`` (default: all) of ``erasure``, from their value directions ``values``."""
+        index = torch.tensor(rows if rows is not None else range(len(values)), dtype=torch.long)
+        directions = values.float()[index.to(values.device)]
+        a, b, c, adaptive = (x[index].to(directions.device) for x in (erasure.a, erasure.b, erasure.c,
+                                                                      erasure.adaptive))
         return cls(directions, torch.linalg.pinv(directions), a, b, c, adaptive)
 
 
@@ -113,6 +132,7 @@ class _Session:
     def __init__(self) -> None:
         self.running = False
         self.erasure: ValueErasure | None = None
+        self.timestep: float | None = None  # of the UNet call in progress
 
 
 class AdaVDProcessor:
@@ -125,7 +145,7 @@ class AdaVDProcessor:
         parameters = inspect.signature(inner.__call__).parameters.values()
         self._inner_accepts = {p.name for p in parameters}
         self._inner_accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
-        self._cached: tuple[ValueErasure, LayerTargets] | None = None
+        self._cached: tuple[ValueErasure, dict[tuple[int, ...], LayerTargets]] | None = None
 
     def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor,
                  encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -153,7 +173,10 @@ class AdaVDProcessor:
         if encoder_hidden_states is None:
             raise AdaVDError(f"{self.layer} was called without text conditioning; it is not a cross-attention layer")
         text = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states
-        targets = self._layer_targets(attn, erasure, text)
+        active = erasure.active(session.timestep)
+        if not active:  # gated off at this timestep
+            return call_inner()
+        targets = self._layer_targets(attn, erasure, text, active)
         edits = 0
 
         def edit_values(module: torch.nn.Module, inputs: tuple[Any, ...], values: torch.Tensor) -> torch.Tensor:
@@ -174,17 +197,22 @@ class AdaVDProcessor:
                              "(fused projections?); AdaVD cannot edit them")
         return output
 
-    def _layer_targets(self, attn: torch.nn.Module, erasure: ValueErasure, text: torch.Tensor) -> LayerTargets:
-        """t = W_v e for this layer, computed once per request (values do not depend on the timestep)."""
+    def _layer_targets(self, attn: torch.nn.Module, erasure: ValueErasure, text: torch.Tensor,
+                       active: tuple[int, ...]) -> LayerTargets:
+        """t = W_v e for this layer's ``active`` targets, computed once per request and set of targets (values do
+        not depend on the timestep)."""
         cached = self._cached
         if cached is None or cached[0] is not erasure:
+            cached = (erasure, {})
+            self._cached = cached
+        by_rows = cached[1]
+        if active not in by_rows:
             if getattr(attn, "norm_cross", None):
                 raise AdaVDError(f"{self.layer} normalises the text before W_v; AdaVD targets are not defined there")
             with torch.no_grad():
                 values = attn.to_v(erasure.embeddings.to(device=text.device, dtype=text.dtype))
-            cached = (erasure, LayerTargets.of(values, erasure))
-            self._cached = cached
-        return cached[1]
+            by_rows[active] = LayerTargets.of(values, erasure, active)
+        return by_rows[active]
 
 
 class AdaVD:
@@ -206,6 +234,12 @@ class AdaVD:
         if not self.layers:
             raise AdaVDError("the UNet has no cross-attention layers to guard")
         unet.set_attn_processor(processors)
+        self._timestep_hook = unet.register_forward_pre_hook(self._record_timestep, with_kwargs=True)
+
+    def _record_timestep(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """The timestep of each UNet call (its second argument), for the timestep gate."""
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        self._session.timestep = None if timestep is None else float(torch.as_tensor(timestep).flatten()[0])
 
     @contextmanager
     def erasing(self, erasure: ValueErasure | None) -> Iterator[None]:
@@ -223,10 +257,11 @@ class AdaVD:
         try:
             yield
         finally:
-            self._session.running, self._session.erasure = False, None
+            self._session.running, self._session.erasure, self._session.timestep = False, None, None
 
     def remove(self) -> None:
         """Restore the wrapped processors on the layers that still carry this installation's wrappers."""
+        self._timestep_hook.remove()
         current = dict(self._unet.attn_processors)
         for name, processor in current.items():
             if isinstance(processor, AdaVDProcessor) and processor.session is self._session:

@@ -26,6 +26,11 @@ Choices made here (ALGORITHMS.md §5 lists the published variants):
 * Reviving embeddings cover a name's rows from its last subject token to the end of the sequence, aligned with
   the anchor's rows from its last subject token (:meth:`EncodedPrompts.aligned`). Earlier rows hold partial
   names ("van" of "van Gogh") that mean something else on their own.
+* ``--method null-space`` (as AlphaEdit and SPEED) restricts the update to the null space of the preserved keys:
+  T = I + Δ with Δ p = 0 for every preserved key p, so preserved prompts keep their keys and values exactly
+  instead of being traded off against the erasure. The preserved keys are the anchors, the ``preserve`` prompts
+  and, as AlphaEdit's general-knowledge prior, every token (start to end-of-text) of the shipped benign image
+  prompts; their null space is approximate (``null_space_tolerance``), since a large prior spans every direction.
 * Round selection: RECE keeps the epoch with the lowest image-detector rate; without an image judge the edit
   keeps the round with the lowest worst-case :func:`revivability` over the edited concepts (round 0 = UCE only).
   RECE rounds do not always help (they raised revivability on an SD1.5-shaped random-weight pipeline), and then
@@ -36,12 +41,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from detectors.calibration import benign_image_prompts
 from guard.errors import WeightEditError
 from guard.methods.registry import concepts_to_edit
 from guard.policy import Concept, ConceptKind, Policy
@@ -53,6 +59,8 @@ DIFFUSION_KINDS = (ConceptKind.style, ConceptKind.object, ConceptKind.nsfw, Conc
 ROUND_CRITERION = "lowest worst-case revivability over the edited concepts; round 0 is UCE alone"
 _ENCODE_BATCH = 64
 _SINGULAR = 1e-12  # smallest eigenvalue of the UCE normal matrix, relative to the largest, still counted as solvable
+Solver = Literal["uce", "null-space"]
+SOLVERS: tuple[Solver, ...] = ("uce", "null-space")
 
 
 @dataclass(frozen=True)
@@ -75,14 +83,20 @@ class EditPlan:
     lambda_: float
     rece_rounds: int
     rece_regularizer: float
+    solver: Solver = "uce"
+    null_space_tolerance: float = 0.01
 
     @property
     def method(self) -> str:
-        return "uce+rece" if self.rece_rounds else "uce"
+        base = "uce" if self.solver == "uce" else "uce-null-space"
+        return f"{base}+rece" if self.rece_rounds else base
 
 
-def plan_from_policy(policy: Policy, concept_ids: Sequence[str] = ()) -> EditPlan:
-    """Select concepts (the named ids, else every style/object/nsfw/celebrity concept) and check they can be solved."""
+def plan_from_policy(policy: Policy, concept_ids: Sequence[str] = (), solver: Solver = "uce") -> EditPlan:
+    """Select concepts (the named ids, else every style/object/nsfw/celebrity concept) and check they can be solved;
+    ``solver`` is plain UCE or the null-space-preserving solve."""
+    if solver not in SOLVERS:
+        raise WeightEditError(f"unknown method '{solver}' (known: {', '.join(SOLVERS)})")
     chosen = concepts_to_edit(policy, concept_ids, DIFFUSION_KINDS)
     for concept in chosen:
         if not concept.aliases:
@@ -95,11 +109,12 @@ def plan_from_policy(policy: Policy, concept_ids: Sequence[str] = ()) -> EditPla
                               preserve=tuple(c.methods.uce.preserve), preserve_scale=c.methods.uce.preserve_scale)
                   for c in chosen)
     return EditPlan(concepts=edits, lambda_=settings.lambda_, rece_rounds=settings.rece_rounds,
-                    rece_regularizer=settings.rece_regularizer)
+                    rece_regularizer=settings.rece_regularizer, solver=solver,
+                    null_space_tolerance=settings.null_space_tolerance)
 
 
 def _check_shared_settings(concepts: Sequence[Concept]) -> None:
-    for field in ("lambda_", "rece_rounds", "rece_regularizer"):
+    for field in ("lambda_", "rece_rounds", "rece_regularizer", "null_space_tolerance"):
         values = {concept.id: getattr(concept.methods.uce, field) for concept in concepts}
         if len(set(values.values())) > 1:
             listed = ", ".join(f"{concept_id}={value}" for concept_id, value in values.items())
@@ -141,6 +156,36 @@ def uce_transform(reference: Tensor, keys: Tensor, sources: Tensor, preserve_key
                               "dimensions); use lambda > 0")
     numerator = lambda_ * reference + sources.T @ keys + preserve_keys.T @ weighted
     return torch.linalg.solve(normal, numerator.T).T  # the normal matrix is symmetric
+
+
+def null_space_projector(preserved: Tensor, prior: Tensor, tolerance: float) -> Tensor:
+    """P onto the directions the edit may change: orthogonal to every ``preserved`` key (exactly), and within that,
+    the approximate null space of the ``prior`` keys (rows): the eigenvectors of their Gram matrix whose eigenvalue
+    is at most ``tolerance`` times the largest (AlphaEdit's construction). The explicitly preserved keys are taken
+    out first, so a large prior cannot outvote them."""
+    dim = preserved.shape[1]
+    left, singular, _ = torch.linalg.svd(preserved.T, full_matrices=True)
+    rank = int((singular > singular.max() * 1e-10).sum()) if len(singular) else 0
+    basis = left[:, rank:] if rank else torch.eye(dim, dtype=preserved.dtype)  # the preserved keys' complement
+    projected = prior @ basis
+    values, vectors = torch.linalg.eigh(projected.T @ projected)
+    null = basis @ vectors[:, values <= tolerance * values[-1]]
+    return null @ null.T
+
+
+def null_space_transform(reference: Tensor, keys: Tensor, sources: Tensor, projector: Tensor,
+                         lambda_: float) -> Tensor:
+    """T = ref + Δ P minimising lambda|Δ P|^2 + sum |T k - s|^2 (AlphaEdit's objective in embedding space).
+
+    The closed form is Δ P = R Kᵀ P (K Kᵀ P + lambda I)^-1 with R = S - ref K (keys and sources as columns); it
+    maps every preserved key p (P p = 0) to ref p, because (K Kᵀ P + lambda I) p = lambda p. As for UCE, layer l's
+    solution of the same problem for W_l is W_l T, so one solve edits every layer. Keys and sources are rows.
+    """
+    if lambda_ <= 0:
+        raise WeightEditError("the null-space solve needs lambda > 0")
+    residual = sources.T - reference @ keys.T  # (d, n)
+    spread = keys.T @ keys @ projector + lambda_ * torch.eye(keys.shape[1], dtype=keys.dtype)
+    return reference + torch.linalg.solve(spread.T, (residual @ keys @ projector).T).T
 
 
 def reviving_map(transform: Tensor, gram: Tensor, regularizer: float) -> Tensor:
@@ -250,6 +295,10 @@ class EncodedPrompts:
                 rows[prompt], subject[prompt] = embedding, int(count) - 2
         return cls(rows=rows, subject=subject)
 
+    def content_rows(self) -> Tensor:
+        """Every prompt's rows from the start token to its end-of-text token, stacked: all the keys it feeds."""
+        return torch.cat([self.rows[prompt][:self.subject[prompt] + 2] for prompt in self.rows])
+
     def keys(self, prompts: Sequence[str]) -> Tensor:
         """The last subject token's embedding of each prompt ([n, d]), UCE's keys."""
         return torch.stack([self.rows[prompt][self.subject[prompt]] for prompt in prompts])
@@ -269,8 +318,12 @@ class EncodedPrompts:
 
 
 @torch.no_grad()
-def apply_edit(pipe: "StableDiffusionPipeline", plan: EditPlan, progress: bool = True) -> EditResult:
-    """Edit ``pipe.unet`` in place: UCE, then ``plan.rece_rounds`` RECE rounds; keep the best round's weights."""
+def apply_edit(pipe: "StableDiffusionPipeline", plan: EditPlan, progress: bool = True,
+               prior_prompts: Sequence[str] | None = None) -> EditResult:
+    """Edit ``pipe.unet`` in place: UCE, then ``plan.rece_rounds`` RECE rounds; keep the best round's weights.
+
+    ``prior_prompts`` are the null-space solve's prior (default: the shipped benign image prompts).
+    """
     projections = cross_attention_projections(pipe.unet)
     hidden = pipe.text_encoder.config.hidden_size
     mismatched = [name for name, linear in projections.items() if linear.in_features != hidden]
@@ -314,17 +367,24 @@ def apply_edit(pipe: "StableDiffusionPipeline", plan: EditPlan, progress: bool =
                                preserve_drift=float(drift.max()))
         return metrics, reviving
 
-    transform = uce_transform(torch.eye(hidden, dtype=torch.float64), erase_keys, erase_sources, preserve_keys,
-                              preserve_weights, plan.lambda_)
+    if plan.solver == "null-space":
+        prior = EncodedPrompts.of(pipe, benign_image_prompts() if prior_prompts is None else prior_prompts)
+        projector = null_space_projector(preserve_keys, prior.content_rows(), plan.null_space_tolerance)
+
+        def solve(reference: Tensor, keys: Tensor, sources: Tensor) -> Tensor:
+            return null_space_transform(reference, keys, sources, projector, plan.lambda_)
+    else:
+        def solve(reference: Tensor, keys: Tensor, sources: Tensor) -> Tensor:
+            return uce_transform(reference, keys, sources, preserve_keys, preserve_weights, plan.lambda_)
+
+    transform = solve(torch.eye(hidden, dtype=torch.float64), erase_keys, erase_sources)
     metrics, reviving = measure(transform, 0)
     transforms, rounds = [transform], [metrics]
     for round_index in tqdm(range(1, plan.rece_rounds + 1), desc="RECE rounds", disable=not progress):
         revived_keys = torch.cat([(rows @ reviving.T).reshape(-1, hidden) for rows in name_rows])
         revived_sources = torch.cat([anchor_rows[index].expand_as(rows).reshape(-1, hidden)
                                      for index, rows in enumerate(name_rows)])
-        transform = uce_transform(transform, torch.cat([erase_keys, revived_keys]),
-                                  torch.cat([erase_sources, revived_sources]), preserve_keys, preserve_weights,
-                                  plan.lambda_)
+        transform = solve(transform, torch.cat([erase_keys, revived_keys]), torch.cat([erase_sources, revived_sources]))
         metrics, reviving = measure(transform, round_index)
         transforms.append(transform)
         rounds.append(metrics)

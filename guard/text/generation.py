@@ -287,7 +287,7 @@ def _check_prompt(guard: Guard | None, request: TextRequest) -> PromptDecision |
 
 def _penalty(decision: PromptDecision | None) -> PenaltyRow | None:
     """The first attempt's penalties: the prompt decision's penalised concepts (none when unguarded)."""
-    return None if decision is None else penalty_row(decision.penalized)
+    return None if decision is None else penalty_row(decision.penalized, terms=decision.terms)
 
 
 def generate_batch(guard: Guard | None, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",

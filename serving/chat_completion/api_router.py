@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from serving.auth import Caller, caller
 from serving.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
 from serving.chat_completion.serving import ChatServing
 from serving.streaming import completion_responses
@@ -20,6 +21,6 @@ async def chat_serving(request: Request) -> ChatServing:
 
 
 @router.post("/v1/chat/completions", response_model=None, responses=completion_responses(ChatCompletionResponse))
-async def create_chat_completion(body: ChatCompletionRequest, handler: Annotated[ChatServing, Depends(chat_serving)]
-                                 ) -> JSONResponse | StreamingResponse:
-    return await handler(body)
+async def create_chat_completion(body: ChatCompletionRequest, handler: Annotated[ChatServing, Depends(chat_serving)],
+                                 who: Annotated[Caller, Depends(caller)]) -> JSONResponse | StreamingResponse:
+    return await handler(body, who)

@@ -20,7 +20,7 @@ from serving.chat_completion.protocol import (
     DeltaMessage,
 )
 from serving.protocol import Usage
-from serving.serving_base import TextServing
+from serving.serving_base import Call, TextServing
 
 
 class ChatChunkWriter:
@@ -54,6 +54,7 @@ class ChatChunkWriter:
 
 class ChatServing(TextServing[ChatCompletionRequest]):
     endpoint = "chat"
+    stages = ("certify", "prompt", "output")  # erase-and-check runs before the engine's prompt check
 
     @staticmethod
     def certified_text(policy: Policy, request: TextRequest) -> tuple[list[str], list[str]]:
@@ -65,23 +66,22 @@ class ChatServing(TextServing[ChatCompletionRequest]):
                 return [messages[users[-1]]["content"]], [f"messages[{users[-1]}]"]
         return ["\n".join(request.guard_texts)], [f"messages[0:{len(messages)}]"]
 
-    async def create(self, request: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
-        active = self.context.guard_state.active
-        guard = active.guard
+    async def create(self, request: ChatCompletionRequest, call: Call) -> JSONResponse | StreamingResponse:
+        guard, trace = call.active.guard, call.trace
         self.validate(request)
         param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         settings = self.sampling(request, request.requested_max_tokens, param)
         engine_request = TextRequest(settings, messages=request.plain_messages(), user=request.end_user)
         self.check_length(engine_request.guard_texts, "messages")
         certified, labels = self.certified_text(guard.policy, engine_request)
-        certificate = await self.certify(active, certified, request.end_user, labels)
+        certificate = await self.certify(call, certified, request.end_user, labels)
 
         if request.stream:
-            stream = await self.open_stream(guard, engine_request)
+            stream = await self.open_stream(guard, engine_request, trace)
             writer = ChatChunkWriter(self.engine.model_id, self.fingerprint(guard))
-            return self.stream_response(guard, stream, writer, settings.n, request.include_usage, certificate)
+            return self.stream_response(guard, stream, writer, settings.n, request.include_usage, certificate, trace)
 
-        (result,) = await self.generate(guard, [engine_request])
+        (result,) = await self.generate(guard, [engine_request], trace)
         choices = []
         for choice in result.choices:
             blocked = choice.finish_reason == "content_filter"

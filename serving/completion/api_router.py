@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from serving.auth import Caller, caller
 from serving.completion.protocol import CompletionRequest, CompletionResponse
 from serving.completion.serving import CompletionServing
 from serving.streaming import completion_responses
@@ -20,6 +21,6 @@ async def completion_serving(request: Request) -> CompletionServing:
 
 
 @router.post("/v1/completions", response_model=None, responses=completion_responses(CompletionResponse))
-async def create_completion(body: CompletionRequest, handler: Annotated[CompletionServing, Depends(completion_serving)]
-                            ) -> JSONResponse | StreamingResponse:
-    return await handler(body)
+async def create_completion(body: CompletionRequest, handler: Annotated[CompletionServing, Depends(completion_serving)],
+                            who: Annotated[Caller, Depends(caller)]) -> JSONResponse | StreamingResponse:
+    return await handler(body, who)

@@ -12,7 +12,7 @@ from guard.text.generation import TextRequest
 from serving.completion.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from serving.errors import invalid_request, unsupported_parameter
 from serving.protocol import Usage
-from serving.serving_base import TextServing
+from serving.serving_base import Call, TextServing
 
 
 class CompletionChunkWriter:
@@ -46,10 +46,10 @@ class CompletionChunkWriter:
 
 class CompletionServing(TextServing[CompletionRequest]):
     endpoint = "completions"
+    stages = ("certify", "prompt", "output")  # erase-and-check runs before the engine's prompt check
 
-    async def create(self, request: CompletionRequest) -> JSONResponse | StreamingResponse:
-        active = self.context.guard_state.active
-        guard = active.guard
+    async def create(self, request: CompletionRequest, call: Call) -> JSONResponse | StreamingResponse:
+        guard, trace = call.active.guard, call.trace
         self.validate(request)
         prompts = request.prompts
         if not prompts or not all(prompts):
@@ -61,16 +61,16 @@ class CompletionServing(TextServing[CompletionRequest]):
         if request.stream:
             if len(prompts) > 1:
                 raise self.invalid(unsupported_parameter("prompt", "streaming accepts one prompt per request"))
-            certificate = await self.certify(active, prompts, request.end_user,
-                                         [f"prompt[{i}]" for i in range(len(prompts))])
-            stream = await self.open_stream(guard, TextRequest(settings, prompt=prompts[0], user=request.end_user))
+            certificate = await self.certify(call, prompts, request.end_user, ["prompt[0]"])
+            stream = await self.open_stream(guard, TextRequest(settings, prompt=prompts[0], user=request.end_user),
+                                            trace)
             writer = CompletionChunkWriter(self.engine.model_id, self.fingerprint(guard))
-            return self.stream_response(guard, stream, writer, settings.n, request.include_usage, certificate)
+            return self.stream_response(guard, stream, writer, settings.n, request.include_usage, certificate, trace)
 
-        certificate = await self.certify(active, prompts, request.end_user,
+        certificate = await self.certify(call, prompts, request.end_user,
                                          [f"prompt[{i}]" for i in range(len(prompts))])
         engine_requests = [TextRequest(settings, prompt=p, user=request.end_user) for p in prompts]
-        results = await self.generate(guard, engine_requests)
+        results = await self.generate(guard, engine_requests, trace)
         choices = []
         flagged: list[str] = []
         for number, result in enumerate(results):

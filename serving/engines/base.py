@@ -94,7 +94,7 @@ async def guarded_generate(guard: Guard, request: TextRequest, decode: Decode) -
     """``generate`` for engines that only decode (an upstream server, vLLM): check the prompt (raising before
     anything is decoded), decode ``n`` choices, then the settle loop of :mod:`guard.settle`, as in-process."""
     decision = await to_thread.run_sync(guard.check_prompt, request.guard_texts)
-    penalty = penalty_row(decision.penalized)
+    penalty = penalty_row(decision.penalized, terms=decision.terms)
     first = await decode(guard, request, penalty, request.settings.n, request.settings.seed)
 
     async def again(attempts: list[Attempt[PenaltyRow | None]]) -> list[Decoded]:

@@ -66,7 +66,7 @@ class VLLMEngine:
         def write() -> None:
             snapshot.parent.mkdir(parents=True, exist_ok=True)
             staging = snapshot.with_suffix(f".{uuid.uuid4().hex}.tmp")
-            staging.write_text(json.dumps(guard.policy.model_dump(mode="json", by_alias=True)), encoding="utf-8")
+            staging.write_text(json.dumps(guard.policy.snapshot()), encoding="utf-8")
             os.replace(staging, snapshot)
 
         await to_thread.run_sync(write)
@@ -85,7 +85,7 @@ class VLLMEngine:
         snapshot, protected = self._snapshots[guard]
         settings = request.settings
         extra = None if penalty is None else guard_args(snapshot, guard.policy.fingerprint,
-                                                        list(penalty.concept_ids), penalty.strength)
+                                                        list(penalty.concept_ids), penalty.strength, penalty.terms)
         bias = client_bias_within_guard(settings.logit_bias, protected)
         return SamplingParams(n=n, temperature=settings.temperature, top_p=settings.top_p, seed=seed,
                               max_tokens=settings.max_new_tokens, stop=list(settings.stop) or None,

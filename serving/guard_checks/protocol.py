@@ -2,36 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, model_validator
 
 from serving.chat_completion.protocol import ChatMessage
+from serving.decisions import Stage
 from serving.protocol import ConceptReport, GuardAction, OpenAIBaseModel, ResponseModel
 
 
 class CheckRequest(OpenAIBaseModel):
-    """A chat (``messages``) or a raw prompt (``input``), exactly one; ``output``: an answer to check as well."""
+    """A chat (``messages``) or a raw prompt (``input``), at most one; ``output``: an answer to check as well (or
+    alone); ``policy``: an inline policy (YAML text) to judge by instead of the server's, for admin keys only."""
 
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     input: str | None = None
     output: str | None = None
+    policy: str | None = None
 
     @model_validator(mode="after")
     def _one_prompt(self) -> "CheckRequest":
-        if (self.messages is None) == (self.input is None):
-            raise ValueError("give exactly one of 'messages' and 'input'")
+        if self.messages is not None and self.input is not None:
+            raise ValueError("give exactly one of 'messages' and 'input' (or only 'output')")
+        if self.messages is None and self.input is None and self.output is None:
+            raise ValueError("give exactly one of 'messages' and 'input', or an 'output' to judge alone")
         return self
-
-
-class Stage(ResponseModel):
-    """One guard stage: whether it ran (else why not), what it concluded and how long it took."""
-
-    name: Literal["prompt", "certify", "output"]
-    ran: bool
-    skipped: str | None = None  # why it did not run
-    result: str | None = None  # prompt: its action; certify: "flagged" | "passed"; output: send | regenerate | block
-    ms: float = 0.0
 
 
 class CheckResponse(ResponseModel):
@@ -41,4 +36,4 @@ class CheckResponse(ResponseModel):
     policy: str  # name@fingerprint
     concepts: list[ConceptReport]
     certificate: dict[str, Any] | None
-    stages: list[Stage]
+    stages: list[Stage]  # the request's trace: the same records the decision log writes

@@ -2,27 +2,35 @@
 
 The prompt is classified as the chat and completion endpoints classify it (every message), certified as they
 certify it (the policy's ``certify.scope``), and a given ``output`` is judged by the same output check as a
-generated answer. Every stage runs even after an earlier one refused, so the answer explains all of it; a stage
-that does not run says why. A guard that cannot run is a 503 (fail closed), as on every endpoint.
+generated answer (an output given alone is judged without a prompt). Every stage runs even after an earlier one
+refused, so the answer explains all of it; a stage that does not run says why. A guard that cannot run is a 503
+(fail closed), as on every endpoint. An admin key may send its own policy inline: a draft judged exactly as the
+server would judge it once active, without touching the server's policy.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, TypeVar
 
+from anyio import to_thread
 from fastapi.responses import JSONResponse
 
-from guard.decision import OutputAction
+from detectors.base import Classification
+from guard.decision import OutputAction, OutputDecision, Verdict
+from guard.errors import GuardUnavailable, PolicyError
+from guard.policy import load_inline_policy
 from guard.text.generation import TextRequest
 from serving.chat_completion.protocol import plain_messages, unsupported_message
 from serving.chat_completion.serving import ChatServing
-from serving.errors import policy_violation, unsupported_parameter
-from serving.guard_checks.protocol import CheckRequest, CheckResponse, Stage
+from serving.decisions import RequestTrace
+from serving.errors import invalid_request, policy_violation, unsupported_parameter
+from serving.guard_checks.protocol import CheckRequest, CheckResponse
 from serving.guard_state import ActiveGuard
 from serving.protocol import ConceptReport, GuardAction
 from serving.reports import certificate_body, output_reports, prompt_reports, strongest
-from serving.serving_base import GuardedServing, certify_refusal
+from serving.serving_base import Call, GuardedServing, certify_refusal
 
 T = TypeVar("T")
 
@@ -34,21 +42,54 @@ async def timed(call: Callable[[], Awaitable[T]]) -> tuple[T, float]:
     return result, (time.perf_counter() - start) * 1000
 
 
+@dataclass(frozen=True)
+class Judgement:
+    """A check's answer, and the output decision behind its output stage (None: no output given)."""
+
+    body: CheckResponse
+    output: OutputDecision | None
+
+
 class CheckServing(GuardedServing[CheckRequest]):
     endpoint = "checks"
+    stages = ("prompt", "certify", "output")
 
     def _prompt(self, request: CheckRequest, active: ActiveGuard) -> tuple[str, list[str], list[str], list[str]]:
         """The parameter name, the texts the prompt check reads, and what erase-and-check certifies (with labels)."""
         if request.input is not None:
             return "input", [request.input], [request.input], ["input"]
-        if (unreadable := unsupported_message(request.messages or [], verb="checked")) is not None:
+        if request.messages is None:
+            return "output", [], [], []  # an answer judged alone
+        if (unreadable := unsupported_message(request.messages, verb="checked")) is not None:
             raise self.invalid(unsupported_parameter(*unreadable))
-        chat = TextRequest(messages=plain_messages(request.messages or []))
+        chat = TextRequest(messages=plain_messages(request.messages))
         certified, labels = ChatServing.certified_text(active.guard.policy, chat)
         return "messages", chat.guard_texts, certified, labels
 
-    async def create(self, request: CheckRequest) -> JSONResponse:
-        active = self.context.guard_state.active
+    async def active_for(self, request: CheckRequest, call: Call) -> ActiveGuard:
+        """The key's active guard, or one built for the request's inline policy (400 naming its line)."""
+        if request.policy is None:
+            return call.active
+        try:
+            policy = await to_thread.run_sync(load_inline_policy, request.policy)
+            return await to_thread.run_sync(ActiveGuard.build, policy, self.metrics)
+        except PolicyError as err:
+            where = f"line {err.line}" if err.line is not None else "policy"
+            raise self.invalid(invalid_request(f"inline policy, {where}{f' {err.field}' if err.field else ''}: "
+                                               f"{err.message}", "policy", code="invalid_policy")) from None
+        except GuardUnavailable as err:
+            raise self.unavailable(call.active.guard.policy, err) from None
+
+    async def create(self, request: CheckRequest, call: Call) -> JSONResponse:
+        active = await self.active_for(request, call)
+        call.trace.policy = active.guard.policy.version_tag
+        body = (await self.judge(request, active, call.trace)).body
+        self.count("flagged" if body.flagged else "ok")
+        return self.response(body, active.guard.policy, [c.id for c in body.concepts if c.flagged], {})
+
+    async def judge(self, request: CheckRequest, active: ActiveGuard, trace: RequestTrace) -> Judgement:
+        """Every stage ``request`` would pass under ``active``, recorded in ``trace``; the core of this endpoint
+        and of LiteLLM's."""
         guard = active.guard
         policy = guard.policy
         param, texts, certified, labels = self._prompt(request, active)
@@ -56,22 +97,30 @@ class CheckServing(GuardedServing[CheckRequest]):
         if request.output is not None:
             self.check_length([request.output], "output")
 
-        verdict, prompt_ms = await timed(lambda: self.run_check(policy, lambda: guard.classify(texts)))
-        concepts: list[ConceptReport] = prompt_reports(policy, verdict.classification)
-        prompt_action = strongest(c.action for c in concepts)
-        stages = [Stage(name="prompt", ran=True, result=prompt_action, ms=prompt_ms)]
-        actions: list[GuardAction] = [prompt_action]
-        refusals = [policy_violation(verdict.refused, guard.refusal_message(verdict.refused)).message
-                    ] if verdict.refused else []
-
-        certify, certificate, certify_concepts, certify_message = await self._certify(active, certified, labels)
-        stages.append(certify)
+        concepts: list[ConceptReport] = []
+        actions: list[GuardAction] = []
+        refusals: list[str] = []
+        if texts:
+            verdict, prompt_ms = await timed(lambda: self.run_check(policy, lambda: guard.classify(texts)))
+            concepts += prompt_reports(policy, verdict.classification)
+            prompt_action = strongest(c.action for c in concepts)
+            trace.ran("prompt", prompt_action, prompt_ms)
+            actions.append(prompt_action)
+            if verdict.refused:
+                refusals.append(policy_violation(verdict.refused, guard.refusal_message(verdict.refused)).message)
+            certificate, certify_concepts, certify_message = await self._certify(active, certified, labels, trace)
+        else:
+            verdict = Verdict(Classification([]))  # nothing to classify: no prompt concepts
+            trace.skipped("prompt", "no prompt given")
+            trace.skipped("certify", "no prompt given")
+            certificate, certify_concepts, certify_message = None, [], None
         concepts += certify_concepts
-        if certify.result == "flagged":
+        if certify_message is not None:
             actions.append("refuse")
 
+        decision: OutputDecision | None = None
         if request.output is None:
-            stages.append(Stage(name="output", ran=False, skipped="no output given"))
+            trace.skipped("output", "no output given")
         else:
             output = request.output
             decision, output_ms = await timed(lambda: self.run_check(
@@ -81,23 +130,27 @@ class CheckServing(GuardedServing[CheckRequest]):
             actions.append(strongest(c.action for c in rows))
             if decision.action == OutputAction.block:
                 refusals.append(decision.message)
-            stages.append(Stage(name="output", ran=True, result=decision.action.value, ms=output_ms))
+            trace.ran("output", decision.action.value, output_ms)
 
         action = strongest(actions)
         flagged = any(c.flagged for c in concepts) or bool(certificate and certificate["flagged"])
         # What a client would read: the first refusal in the order the pipeline runs (certify, prompt, output).
         refusals = ([certify_message] if certify_message else []) + refusals
         message = refusals[0] if action == "refuse" and refusals else None
-        self.count("flagged" if flagged else "ok")
+        trace.action = action
+        trace.flag(c.id for c in concepts if c.flagged)
+        trace.certificates += [certificate] if certificate is not None else []
         body = CheckResponse(flagged=flagged, action=action, message=message, policy=policy.version_tag,
-                             concepts=concepts, certificate=certificate, stages=stages)
-        return self.response(body, policy, [c.id for c in concepts if c.flagged], {})
+                             concepts=concepts, certificate=certificate, stages=trace.stages)
+        return Judgement(body, decision)
 
-    async def _certify(self, active: ActiveGuard, texts: list[str], labels: list[str]
-                       ) -> tuple[Stage, dict[str, Any] | None, list[ConceptReport], str | None]:
-        """The certify stage: its record, the certificate, the concepts behind a flag and the refusal it gives."""
+    async def _certify(self, active: ActiveGuard, texts: list[str], labels: list[str], trace: RequestTrace
+                       ) -> tuple[dict[str, Any] | None, list[ConceptReport], str | None]:
+        """The certify stage (recorded in ``trace``): the certificate, the concepts behind a flag and the refusal
+        it gives."""
         if active.certifier is None:
-            return Stage(name="certify", ran=False, skipped="policy has no certify block"), None, [], None
+            trace.skipped("certify", "policy has no certify block")
+            return None, [], None
         guard = active.guard
         start = time.perf_counter()
         certificate: dict[str, Any] | None = None
@@ -108,7 +161,7 @@ class CheckServing(GuardedServing[CheckRequest]):
                 named = cert.trigger_erased_tokens == 0 and bool(trigger.refused)
                 message = guard.refusal_message(trigger.refused) if named else certify_refusal(cert)
                 concepts = [c for c in prompt_reports(guard.policy, trigger.classification, "certify") if c.flagged]
-                stage = Stage(name="certify", ran=True, result="flagged", ms=(time.perf_counter() - start) * 1000)
-                return stage, certificate, concepts, policy_violation(trigger.refused, message).message
-        stage = Stage(name="certify", ran=True, result="passed", ms=(time.perf_counter() - start) * 1000)
-        return stage, certificate, [], None
+                trace.ran("certify", "flagged", (time.perf_counter() - start) * 1000)
+                return certificate, concepts, policy_violation(trigger.refused, message).message
+        trace.ran("certify", "passed", (time.perf_counter() - start) * 1000)
+        return certificate, [], None

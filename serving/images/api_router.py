@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from serving.auth import Caller, caller
 from serving.images.protocol import ImageGenerationRequest
 from serving.images.serving import ImageServing
 
@@ -19,6 +20,6 @@ async def image_serving(request: Request) -> ImageServing:
 
 
 @router.post("/v1/images/generations", response_model=None)
-async def create_image(body: ImageGenerationRequest, handler: Annotated[ImageServing, Depends(image_serving)]
-                       ) -> JSONResponse:
-    return await handler(body)
+async def create_image(body: ImageGenerationRequest, handler: Annotated[ImageServing, Depends(image_serving)],
+                       who: Annotated[Caller, Depends(caller)]) -> JSONResponse:
+    return await handler(body, who)

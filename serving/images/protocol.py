@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
 from serving.protocol import OpenAIBaseModel, ResponseModel
 
@@ -65,8 +65,20 @@ class ImageData(ResponseModel):
     b64_json: str  # a PNG file (the guard erases concepts in embedding space, so there is no revised_prompt)
 
 
+# The sizes OpenAI's ImagesResponse.size may name; any other size (512x512 from SD 1.5) is left out of the body,
+# since the spec allows the key to be absent but not another value, nor null.
+OPENAI_SIZES = ("1024x1024", "1024x1536", "1536x1024")
+
+
 class ImagesResponse(ResponseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     data: list[ImageData]
     output_format: Literal["png"] = "png"
-    size: str
+    size: Literal["1024x1024", "1024x1536", "1536x1024"] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unnamed_size(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        body = handler(self)
+        if body.get("size") is None:
+            body.pop("size", None)
+        return body

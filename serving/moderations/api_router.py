@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from serving.auth import Caller, caller
 from serving.moderations.protocol import ModerationRequest, ModerationResponse
 from serving.moderations.serving import ModerationServing
 
@@ -20,6 +21,6 @@ async def moderation_serving(request: Request) -> ModerationServing:
 
 @router.post("/v1/moderations", response_model=None,
              responses={200: {"model": ModerationResponse, "description": "One result per input."}})
-async def create_moderation(body: ModerationRequest, handler: Annotated[ModerationServing, Depends(moderation_serving)]
-                            ) -> JSONResponse:
-    return await handler(body)
+async def create_moderation(body: ModerationRequest, handler: Annotated[ModerationServing, Depends(moderation_serving)],
+                            who: Annotated[Caller, Depends(caller)]) -> JSONResponse:
+    return await handler(body, who)

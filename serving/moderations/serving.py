@@ -8,6 +8,8 @@ that cannot run is a 503 like everywhere else, never an unflagged guess.
 
 from __future__ import annotations
 
+import time
+
 from fastapi.responses import JSONResponse
 
 from guard.decision import Verdict
@@ -22,12 +24,13 @@ from serving.moderations.protocol import (
     ModerationResponse,
     ModerationResult,
 )
-from serving.reports import certificate_body, prompt_reports, strongest
-from serving.serving_base import GuardedServing
+from serving.reports import certificate_body, prompt_reports, strongest, verdict_action
+from serving.serving_base import Call, GuardedServing
 
 
 class ModerationServing(GuardedServing[ModerationRequest]):
     endpoint = "moderations"
+    stages = ("prompt", "certify")
 
     def _check_model(self, model: str | None, policy: Policy) -> None:
         """The one moderation model here is the guard: accept its names and OpenAI's, 404 anything else."""
@@ -37,20 +40,32 @@ class ModerationServing(GuardedServing[ModerationRequest]):
                      f"'{policy.version_tag}' (also accepted: '{policy.name}', {', '.join(OPENAI_MODERATION_MODELS)}).",
                 param="model", code="model_not_found"))
 
-    async def create(self, request: ModerationRequest) -> JSONResponse:
-        active = self.context.guard_state.active
+    async def create(self, request: ModerationRequest, call: Call) -> JSONResponse:
+        active, trace = call.active, call.trace
         policy = active.guard.policy
         self._check_model(request.model, policy)
         if (index := request.image_input()) is not None:
             raise self.invalid(unsupported_parameter(f"input[{index}]", "only text inputs are moderated"))
         texts = request.texts()
         self.check_length(texts, "input")
+        started = time.perf_counter()
         verdicts = await self._classify(active, texts)
+        trace.ran("prompt", strongest(verdict_action(v) for v in verdicts), (time.perf_counter() - started) * 1000)
         labels = ["input"] if isinstance(request.input, str) else [f"input[{i}]" for i in range(len(texts))]
+        started = time.perf_counter()
         results = [await self._result(active, text, verdict, label)
                    for text, verdict, label in zip(texts, verdicts, labels)]
+        certificates = [r.guard.certificate for r in results if r.guard.certificate is not None]
+        if active.certifier is None:
+            trace.skipped("certify", "policy has no certify block")
+        else:
+            trace.ran("certify", "flagged" if any(c["flagged"] for c in certificates) else "passed",
+                      (time.perf_counter() - started) * 1000)
         self.count("flagged" if any(r.flagged for r in results) else "ok")
         flagged = [c.id for r in results for c in r.guard.concepts if c.flagged]
+        trace.flag(flagged)
+        trace.certificates += certificates
+        trace.action = strongest(r.guard.action for r in results)
         return self.response(ModerationResponse(model=policy.version_tag, results=results), policy, flagged, {})
 
     async def _classify(self, active: ActiveGuard, texts: list[str]) -> list[Verdict]:

@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from detectors.alias import MIN_SQUASHED_LENGTH
+from detectors.terms import is_distinctive
 from guard.errors import TokenPenaltyError
 from guard.models import cache_dir
 from guard.policy import Concept, Policy
@@ -54,6 +54,8 @@ MIN_PARTIAL_BLOCK = 6
 # BPE vocabularies number tokens roughly in merge order, i.e. by frequency: pieces below this rank ("ther",
 # "old", "itch") occur inside too many ordinary words for a static -100 bias.
 COMMON_TOKEN_RANK = 10_000
+# A distinctive part of a multi-word alias is blocked alone only from this length ("Han" of "Han Solo" is not).
+MIN_NAME_PART = 4
 _APOSTROPHES = ("'", "\u2019")
 # What can stand between an alias's words besides one space: the model writes "Harry-Potter", "Harry_Potter",
 # "harry.potter", "Harry\nPotter" (a line break), a tab or a doubled space, and each must be blocked like a space.
@@ -62,10 +64,12 @@ _WORD_SEPARATORS = ("-", "_", ".", "\n", "\t", "  ")
 
 @dataclass(frozen=True)
 class PenaltyRow:
-    """What one batch row penalises: concept ids, and a multiplier on the soft penalty (regenerations use > 1)."""
+    """What one batch row penalises: concept ids, a multiplier on the soft penalty (regenerations use > 1), and the
+    request's own forbidden terms (the forget-store n-grams retrieved for it: :mod:`detectors.forget`)."""
 
     concept_ids: tuple[str, ...]
     strength: float = 1.0
+    terms: tuple[str, ...] = ()
 
 
 def _spellings(alias: str) -> list[str]:
@@ -90,12 +94,19 @@ def _is_boundary(char: str) -> bool:
     return not char.isalnum()
 
 
-class _TokenIndex:
-    """Lower-cased text of every token, sorted, to list the tokens that start with a given string."""
+def _after_boundaries(text: str) -> list[str]:
+    return [text[i:] for i in range(1, len(text)) if _is_boundary(text[i - 1])]
 
-    def __init__(self, texts: list[str], excluded: set[int]):
-        pairs = sorted((text.lower(), token_id) for token_id, text in enumerate(texts)
-                       if token_id not in excluded and text)
+
+class _TokenIndex:
+    """Lower-cased text of every token, sorted, to list the tokens that start with a given string.
+
+    With ``after_boundary``, the keys are instead what follows each separator inside a token (".hog" -> "hog"), to
+    list the tokens that hold a string right after a separator."""
+
+    def __init__(self, texts: list[str], excluded: set[int], after_boundary: bool = False):
+        pairs = sorted((key, token_id) for token_id, text in enumerate(texts) if token_id not in excluded and text
+                       for key in (_after_boundaries(text.lower()) if after_boundary else [text.lower()]))
         self._keys = [text for text, _ in pairs]
         self._ids = np.asarray([token_id for _, token_id in pairs], dtype=np.int64)
         self._cache: dict[str, torch.Tensor] = {}
@@ -109,11 +120,30 @@ class _TokenIndex:
 
 
 @dataclass(frozen=True)
-class _AliasTable:
-    """Tokens to block for one forbidden spelling, by how much of it the generated text already ends with."""
+class _Blocks:
+    """Hard blocks of a set of forbidden spellings for one tokenizer, keyed by how the generated text ends.
 
-    spelling: str
-    after_prefix: tuple[torch.Tensor, ...]  # [k]: tokens blocked when the text ends with spelling[:k] (k >= 1)
+    ``by_tail[t]`` lists the tokens to block when the lower-cased text ends with ``t`` (a proper prefix of a
+    spelling) at a word start: with ``block_ratio`` < 1, the tokens that bring it to that share of the spelling, past
+    it (text that got there unchecked, e.g. penalties attached mid-generation) the tokens that complete it. A step
+    costs one dictionary lookup per tail length, however many spellings there are.
+    """
+
+    by_tail: dict[str, torch.Tensor]
+    longest: int
+    at_word_start: torch.Tensor  # tokens that begin with a blocked prefix: blocked where a word may start
+    anywhere: torch.Tensor  # tokens that hold a blocked prefix after a separator: always blocked
+
+    def blocked(self, text: str, groups: list[torch.Tensor]) -> None:
+        """Append the token groups this text blocks."""
+        groups.append(self.anywhere)
+        if not text or _is_boundary(text[-1]):
+            groups.append(self.at_word_start)
+        for k in range(1, min(self.longest, len(text)) + 1):
+            tail = text[-k:]
+            tokens = self.by_tail.get(tail)
+            if tokens is not None and (len(text) == k or _is_boundary(text[-k - 1]) or _is_boundary(tail[0])):
+                groups.append(tokens)
 
 
 @dataclass(frozen=True)
@@ -122,12 +152,20 @@ class ConceptPenalty:
 
     concept_id: str
     hard_block: bool
-    aliases: tuple[_AliasTable, ...]
-    at_word_start: torch.Tensor  # tokens that begin with a blocked alias prefix: blocked where a word may start
-    anywhere: torch.Tensor  # tokens that hold a blocked alias prefix after a separator: always blocked
+    block_ratio: float
+    semantic_block: float  # GUARD's delta for the request's forbidden words
+    blocks: _Blocks  # aliases, their distinctive parts and the profile's terms
     soft_ids: torch.Tensor  # vocabulary ids with a soft penalty
     soft_values: torch.Tensor  # soft_penalty × similarity for those ids (before the row strength)
     soft_similarity: torch.Tensor  # the similarities themselves
+
+    @property
+    def at_word_start(self) -> torch.Tensor:
+        return self.blocks.at_word_start
+
+    @property
+    def anywhere(self) -> torch.Tensor:
+        return self.blocks.anywhere
 
 
 class RowPenalty:
@@ -140,7 +178,12 @@ class RowPenalty:
     def __init__(self, owner: "TokenPenalties", row: PenaltyRow):
         self._owner = owner
         self._concepts = [owner.concept(cid) for cid in row.concept_ids]
-        self._hard = [c for c in self._concepts if c.hard_block]
+        self._blocks = [c.blocks for c in self._concepts if c.hard_block]
+        hard = any(c.hard_block for c in self._concepts)
+        self._semantic = torch.zeros(0, dtype=torch.int64)
+        if row.terms and hard:
+            self._blocks.append(owner.term_blocks(row.terms, min(c.block_ratio for c in self._concepts)))
+            self._semantic = owner.similar_words(row.terms, min(c.semantic_block for c in self._concepts))
         self._text = ""  # lower-cased generated text
         self._seen = 0
         soft_ids = [c.soft_ids for c in self._concepts if len(c.soft_ids)]
@@ -166,20 +209,11 @@ class RowPenalty:
         self._seen = len(generated_ids)
 
     def blocked_ids(self) -> list[torch.Tensor]:
-        """Token-id groups that would complete (or, per ``block_ratio``, nearly complete) an alias now."""
-        text = self._text
-        at_word_start = not text or _is_boundary(text[-1])
-        groups: list[torch.Tensor] = []
-        for concept in self._hard:
-            groups.append(concept.anywhere)
-            if at_word_start:
-                groups.append(concept.at_word_start)
-            for table in concept.aliases:
-                spelling = table.spelling
-                for k in range(1, len(table.after_prefix)):
-                    if text.endswith(spelling[:k]) and (len(text) == k or _is_boundary(text[-k - 1])
-                                                        or _is_boundary(spelling[0])):
-                        groups.append(table.after_prefix[k])
+        """Token-id groups that would complete (or, per ``block_ratio``, nearly complete) a forbidden spelling now,
+        and the vocabulary words as close in meaning to the request's forbidden words as ``semantic_block``."""
+        groups: list[torch.Tensor] = [self._semantic]
+        for blocks in self._blocks:
+            blocks.blocked(self._text, groups)
         return [g for g in groups if len(g)]
 
     def apply(self, logits: torch.Tensor) -> None:
@@ -210,9 +244,13 @@ class TokenPenalties:
         self.texts = _token_texts(tokenizer)
         self.lower_texts = [text.lower() for text in self.texts]
         self._index = _TokenIndex(self.texts, self.special_ids)
-        vocabulary = _VocabularyEmbeddings.load_or_build(tokenizer, self.texts, self.special_ids, encoder,
-                                                         policy.models.embedding, show_progress)
-        self._concepts = {c.id: self._compile(c, vocabulary, encoder) for c in policy.concepts}
+        self._after_boundary = _TokenIndex(self.texts, self.special_ids, after_boundary=True)
+        self._encoder = encoder
+        self._vocabulary = _VocabularyEmbeddings.load_or_build(tokenizer, self.texts, self.special_ids, encoder,
+                                                               policy.models.embedding, show_progress)
+        self._spelling_cache: dict[tuple[str, float], tuple[list[tuple[str, torch.Tensor]], str]] = {}
+        self._word_cache: dict[tuple[str, float], torch.Tensor] = {}
+        self._concepts = {c.id: self._compile(c) for c in policy.concepts}
 
     def concept(self, concept_id: str) -> ConceptPenalty:
         try:
@@ -274,45 +312,70 @@ class TokenPenalties:
                         tokenizations.append(pieces)
         return tokenizations
 
-    def _compile(self, concept: Concept, vocabulary: "_VocabularyEmbeddings",
-                 encoder: "SentenceTransformer") -> ConceptPenalty:
+    def _compile(self, concept: Concept) -> ConceptPenalty:
         settings = concept.methods.token_penalty
-        tables = []
-        starts: list[str] = []
-        for alias in concept.aliases:
-            for spelling in _spellings(alias):
-                reach = max(math.ceil(settings.block_ratio * len(spelling)), min(len(spelling), MIN_PARTIAL_BLOCK))
-                after = [torch.zeros(0, dtype=torch.int64)]
-                for k in range(1, len(spelling)):
-                    # Before the blocked share: tokens reaching it. Past it (text that got there unchecked,
-                    # e.g. penalties attached mid-generation): tokens completing the alias.
-                    after.append(self._index.starting_with(spelling[k:reach if k < reach else len(spelling)]))
-                tables.append(_AliasTable(spelling, tuple(after)))
-                starts.append(spelling[:reach])
-        at_word_start, anywhere = self._whole_alias_tokens(starts)
+        blocks = self._blocks(forbidden_strings(concept), settings.block_ratio)
         # Aliases name the concept; a concept defined only by its description is compared with that.
         keywords = concept.aliases or [concept.description]
-        soft_ids, soft_similarity = vocabulary.similar(encoder, keywords, settings.semantic_threshold)
-        return ConceptPenalty(concept.id, settings.hard_block, tuple(tables), at_word_start, anywhere, soft_ids,
-                              soft_similarity * settings.soft_penalty, soft_similarity)
+        soft_ids, soft_similarity = self._vocabulary.similar(self._encoder, keywords, settings.semantic_threshold)
+        return ConceptPenalty(concept.id, settings.hard_block, settings.block_ratio, settings.semantic_block, blocks,
+                              soft_ids, soft_similarity * settings.soft_penalty, soft_similarity)
 
-    def _whole_alias_tokens(self, starts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens that spell a (block-ratio) alias prefix by themselves: at their start, or after a separator."""
+    def term_blocks(self, terms: Sequence[str], block_ratio: float) -> _Blocks:
+        """Hard blocks of a request's own forbidden terms (each term's tables are compiled once and cached)."""
+        return self._blocks(terms, block_ratio)
+
+    def similar_words(self, terms: Sequence[str], threshold: float) -> torch.Tensor:
+        """Whole-word vocabulary tokens at least ``threshold`` similar in meaning to a one-word term (GUARD's
+        semantic match, with the vocabulary's embeddings cached on disk and each term's result in memory)."""
+        groups = []
+        for term in terms:
+            if " " in term.strip() or not term.strip():
+                continue
+            key = (term.casefold(), threshold)
+            if key not in self._word_cache:
+                self._word_cache[key] = self._vocabulary.similar(self._encoder, [term], threshold)[0]
+            groups.append(self._word_cache[key])
+        return torch.unique(torch.cat(groups)) if groups else torch.zeros(0, dtype=torch.int64)
+
+    def _spelling_tables(self, spelling: str, block_ratio: float) -> tuple[list[tuple[str, torch.Tensor]], str]:
+        """(tail, tokens to block) pairs of one spelling, and the prefix whose tokens are blocked at a word start."""
+        key = (spelling, block_ratio)
+        if key not in self._spelling_cache:
+            reach = max(math.ceil(block_ratio * len(spelling)), min(len(spelling), MIN_PARTIAL_BLOCK))
+            tails = [(spelling[:k], self._index.starting_with(spelling[k:reach if k < reach else len(spelling)]))
+                     for k in range(1, len(spelling))]
+            self._spelling_cache[key] = ([(tail, tokens) for tail, tokens in tails if len(tokens)], spelling[:reach])
+        return self._spelling_cache[key]
+
+    def _blocks(self, strings: Sequence[str], block_ratio: float) -> _Blocks:
+        by_tail: dict[str, list[torch.Tensor]] = {}
+        starts: set[str] = set()
+        for string in strings:
+            for spelling in _spellings(string):
+                tails, start = self._spelling_tables(spelling, block_ratio)
+                for tail, tokens in tails:
+                    by_tail.setdefault(tail, []).append(tokens)
+                starts.add(start)
         at_start: set[int] = set()
         anywhere: set[int] = set()
-        for start in set(starts):
+        for start in starts:
             at_start.update(self._index.starting_with(start).tolist())
-        if starts:
-            pattern = re.compile("|".join(re.escape(s) for s in sorted(set(starts), key=len, reverse=True)))
-            for token_id, text in enumerate(self.lower_texts):
-                if token_id in self.special_ids:
-                    continue
-                for match in pattern.finditer(text):
-                    if match.start() > 0 and _is_boundary(text[match.start() - 1]):
-                        anywhere.add(token_id)
-                        break
-        return (torch.tensor(sorted(at_start - anywhere), dtype=torch.int64),
-                torch.tensor(sorted(anywhere), dtype=torch.int64))
+            anywhere.update(self._after_boundary.starting_with(start).tolist())
+        merged = {tail: torch.unique(torch.cat(groups)) if len(groups) > 1 else groups[0]
+                  for tail, groups in by_tail.items()}
+        return _Blocks(merged, max(map(len, merged), default=0),
+                       torch.tensor(sorted(at_start - anywhere), dtype=torch.int64),
+                       torch.tensor(sorted(anywhere), dtype=torch.int64))
+
+
+def forbidden_strings(concept: Concept) -> list[str]:
+    """What decoding forbids for a concept on every penalised request: its aliases, the distinctive parts of
+    multi-word aliases ("Skywalker", "Musk"; not "Harry" or "Potter", which are common words, nor "Sorcerer's")
+    and its profile's terms."""
+    parts = [word for alias in concept.aliases if len(alias.split()) > 1 for word in alias.split()
+             if len(word) >= MIN_NAME_PART and word.isalpha() and is_distinctive(word, name_part=True)]
+    return list(dict.fromkeys(concept.aliases + parts + concept.profile_terms))
 
 
 def _token_texts(tokenizer: "PreTrainedTokenizerBase") -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,11 @@ EXTRA_ARGS_KEY = "erasure_guard"
 FQCN = "guard.methods.token_penalty.vllm:VLLMTokenPenaltyProcessor"
 
 
-def guard_args(policy_snapshot: Path, fingerprint: str, concept_ids: list[str], strength: float) -> dict[str, Any]:
-    """The ``extra_args`` that activate the processor for one request."""
+def guard_args(policy_snapshot: Path, fingerprint: str, concept_ids: list[str], strength: float,
+               terms: Sequence[str] = ()) -> dict[str, Any]:
+    """The ``extra_args`` that activate the processor for one request (``terms``: its forbidden forget-store terms)."""
     return {EXTRA_ARGS_KEY: {"policy": str(policy_snapshot), "fingerprint": fingerprint,
-                             "concepts": list(concept_ids), "strength": float(strength)}}
+                             "concepts": list(concept_ids), "strength": float(strength), "terms": list(terms)}}
 
 
 def _parse(params: SamplingParams) -> dict[str, Any] | None:
@@ -43,9 +45,10 @@ def _parse(params: SamplingParams) -> dict[str, Any] | None:
     if not isinstance(args, dict) or not isinstance(args.get("policy"), str) \
             or not isinstance(args.get("fingerprint"), str) or not isinstance(args.get("concepts"), list) \
             or not all(isinstance(c, str) for c in args["concepts"]) \
-            or not isinstance(args.get("strength"), (int, float)):
+            or not isinstance(args.get("strength"), (int, float)) \
+            or not isinstance(args.get("terms", []), list) or not all(isinstance(t, str) for t in args.get("terms", [])):
         raise ValueError(f"extra_args['{EXTRA_ARGS_KEY}'] must be {{policy: str, fingerprint: str, "
-                         f"concepts: [str], strength: float}}")
+                         f"concepts: [str], strength: float, terms: [str]}}")
     return args
 
 
@@ -71,7 +74,7 @@ class VLLMTokenPenaltyProcessor(LogitsProcessor):
     def _penalties(self, snapshot: str, fingerprint: str) -> TokenPenalties:
         with self._lock:
             if fingerprint not in self._tables:
-                policy = Policy.model_validate(json.loads(Path(snapshot).read_text(encoding="utf-8")))
+                policy = Policy.from_snapshot(json.loads(Path(snapshot).read_text(encoding="utf-8")))
                 if policy.fingerprint != fingerprint:
                     raise ValueError(f"policy snapshot {snapshot} has fingerprint {policy.fingerprint}, "
                                      f"expected {fingerprint}")
@@ -90,7 +93,8 @@ class VLLMTokenPenaltyProcessor(LogitsProcessor):
             return None
         penalties = self._penalties(args["policy"], args["fingerprint"])
         # output_ids is vLLM's live list of the request's generated tokens: the row reads it every step.
-        return penalties.row(PenaltyRow(tuple(args["concepts"]), float(args["strength"]))), output_ids
+        row = PenaltyRow(tuple(args["concepts"]), float(args["strength"]), tuple(args.get("terms", [])))
+        return penalties.row(row), output_ids
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         process_dict_updates(self._rows, batch_update, self._new_row)
