@@ -94,6 +94,15 @@ def language_model_folder(reference: str) -> Path:
         raise WeightEditError(str(err)) from None
 
 
+def decoder_layer_count(folder: Path) -> int:
+    """The decoder's layer count from the folder's config.json, read before the weights are loaded."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return int(config["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise WeightEditError(f"cannot read the decoder layer count from {folder / 'config.json'}: {err}") from None
+
+
 def load_language_model_copy(folder: Path) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """A private float32 copy (never the shared cached model: the edit changes it in place)."""
     import torch

@@ -21,6 +21,7 @@ from guard.edited_model import (
     build_llm_manifest,
     build_manifest,
     check_out_folder,
+    decoder_layer_count,
     is_language_model,
     language_model_folder,
     load_language_model_copy,
@@ -104,6 +105,7 @@ def _edit_language_model(policy: Policy, policy_file: Path, model: str, out: Pat
     try:
         plan = stamp.plan_from_policy(policy, concepts, method, layers)
         source = language_model_folder(model)
+        stamp.check_layers(plan.layers, decoder_layer_count(source))
         target = check_out_folder(source, out, force)
         history = previous_edits(source)
         console.print(f"hashing the source weights in {source}")

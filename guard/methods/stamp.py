@@ -103,9 +103,11 @@ class StampPlan:
 
 
 def forget_prompts(concept: Concept) -> tuple[str, ...]:
-    """The concept's exemplars and every alias in each template, without repeats."""
+    """The concept's exemplars, the questions of its forget store (the policy's pairs and the profile ``guard policy
+    expand`` drew from the model's own answers), and every alias in each template, without repeats."""
+    questions = [entry.question for entry in concept.forget_entries if entry.question]
     templated = [template.format(name=name) for name in concept.aliases for template in TEMPLATES]
-    return tuple(dict.fromkeys([*concept.exemplars, *templated]))
+    return tuple(dict.fromkeys([*concept.exemplars, *questions, *templated]))
 
 
 def plan_from_policy(policy: Policy, concept_ids: Sequence[str] = (), method: str | None = None,
@@ -371,14 +373,18 @@ class StampResult:
                 "preserved_keys": self.preserved_keys, "edit_seconds": self.edit_seconds}
 
 
+def check_layers(layers: Sequence[int], total: int) -> None:
+    """Every named layer exists in a decoder of ``total`` layers, or a clear error."""
+    bad = [layer for layer in layers if not 0 <= layer < total]
+    if bad:
+        raise WeightEditError(f"layer {bad[0]} does not exist (the model has layers 0-{total - 1})")
+
+
 def choose_layers(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", plan: StampPlan,
                   forget: Sequence[str], refusal: Sequence[str], retain: Sequence[str]) -> tuple[list[int], dict[int, float]]:
     """The plan's layers, or the ``layer_count`` most separated ones in the first half; separations of all."""
     total = len(down_projections(model))
-    if plan.layers:
-        bad = [layer for layer in plan.layers if not 0 <= layer < total]
-        if bad:
-            raise WeightEditError(f"layer {bad[0]} does not exist (the model has layers 0-{total - 1})")
+    check_layers(plan.layers, total)
     candidates = sorted(set(plan.layers)) if plan.layers else list(range(1, max(2, total // 2)))
     seen = {name: collect(model, tokenizer, prompts, candidates, keys=False).last_hidden
             for name, prompts in (("forget", forget), ("refusal", refusal), ("retain", retain))}
@@ -393,7 +399,7 @@ def choose_layers(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase"
 @torch.no_grad()
 def apply_edit(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", plan: StampPlan,
                preserved_prompts: Sequence[str] = (), progress: bool = True) -> StampResult:
-    """Edit the model's down-projections in place, layer by layer (later keys see the earlier edits)."""
+    """Edit the model's down-projections in place; each layer takes its share of the redirection."""
     started = time.perf_counter()
     projections = down_projections(model)
     forget = [prompt for concept in plan.concepts for prompt in concept.prompts]
@@ -404,12 +410,14 @@ def apply_edit(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", p
         layers, separations = choose_layers(model, tokenizer, plan, forget[::max(1, len(forget) // CHOICE_PROMPTS)], refusal,
                                            retain[:CHOICE_PROMPTS])
         bar.update(3)
+    # One pass per prompt group collects every chosen layer (the targets are the unedited model's): a pass per
+    # layer, so that later keys see earlier edits, cost as many passes as layers for no measurable gain.
+    groups = {name: collect(model, tokenizer, prompts, layers) for name, prompts in
+              (("forget", forget), ("refusal", refusal), ("retain", retain), ("held_out", held_out),
+               ("preserved", preserved_prompts)) if prompts}
     edits: list[LayerEdit] = []
     counts = {"forget": 0, "retain": 0, "preserved": 0}
     for layer in tqdm(layers, desc=f"{plan.method} edit", unit="layer", disable=not progress):
-        groups = {name: collect(model, tokenizer, prompts, [layer]) for name, prompts in
-                  (("forget", forget), ("refusal", refusal), ("retain", retain), ("held_out", held_out),
-                   ("preserved", preserved_prompts)) if prompts}
         keys = {name: group.keys[layer].T for name, group in groups.items()}  # columns
         tail = groups["forget"].from_end < TAIL
         forget_keys = keys["forget"][:, tail]
