@@ -31,7 +31,9 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from llm_erasure import SPLITS  # noqa: E402  (the knowledge splits: one policy and probe file each)
 
 from detectors.alias import AliasDetector  # noqa: E402
 from guard.decision import Guard  # noqa: E402
@@ -42,10 +44,6 @@ from guard.models import resolve  # noqa: E402
 from guard.policy import load_policy  # noqa: E402
 from guard.text.evaluation import ProbeFile, evaluate, load_probes  # noqa: E402
 from guard.text.generation import SamplingSettings, TextRequest, generate_batch  # noqa: E402
-
-DATA = ROOT / "benchmarks" / "data" / "knowledge"
-SPLITS = {"tuned": (DATA / "tuned_policy.yaml", DATA / "probes_tuned.yaml"),
-          "heldout": (DATA / "heldout_policy.yaml", DATA / "probes_heldout.yaml")}
 
 console = Console()
 
