@@ -15,7 +15,7 @@ import uuid
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from guard.errors import ModelError, WeightEditError
 from guard.models import resolve
@@ -23,7 +23,9 @@ from guard.policy import Policy
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from guard.methods.stamp import Measurement, StampResult
     from guard.methods.uce import EditPlan, EditResult
 
 
@@ -53,8 +55,8 @@ def weights_sha256(folder: Path) -> tuple[str, list[str]]:
 def pipeline_folder(reference: str) -> tuple[Path, str]:
     """The local diffusers pipeline folder behind ``reference`` and its pipeline class, or a clear error."""
     if reference.startswith("embedded:"):
-        raise WeightEditError(f"'{reference}' is a language model; guard edit needs a diffusers Stable Diffusion "
-                              "pipeline folder (the persistent path for language models is not implemented)")
+        raise WeightEditError(f"'{reference}' is not a diffusers pipeline (embedded language models are edited "
+                              "with the STAMP path)")
     if not Path(reference).expanduser().is_dir():
         raise WeightEditError(f"model folder '{reference}' does not exist or is not a folder")
     try:
@@ -72,6 +74,111 @@ def pipeline_folder(reference: str) -> tuple[Path, str]:
         raise WeightEditError(f"'{reference}' holds a {pipeline_class or 'unknown'} pipeline; guard edit supports "
                               f"{', '.join(SUPPORTED_PIPELINES)} (single CLIP text encoder, UNet cross-attention)")
     return folder, pipeline_class
+
+
+LLM_FORMAT = "erasure-guard/llm-edit@1"
+
+
+def is_language_model(reference: str) -> bool:
+    """``embedded:smollm2`` or a transformers folder (config.json, no model_index.json) is a language model."""
+    if reference.startswith("embedded:"):
+        return reference == "embedded:smollm2"
+    folder = Path(reference).expanduser()
+    return (folder / "config.json").is_file() and not (folder / "model_index.json").is_file()
+
+
+def language_model_folder(reference: str) -> Path:
+    try:
+        return resolve(reference).path
+    except ModelError as err:
+        raise WeightEditError(str(err)) from None
+
+
+def decoder_layer_count(folder: Path) -> int:
+    """The decoder's layer count from the folder's config.json, read before the weights are loaded."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return int(config["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise WeightEditError(f"cannot read the decoder layer count from {folder / 'config.json'}: {err}") from None
+
+
+def load_language_model_copy(folder: Path) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    """A private float32 copy (never the shared cached model: the edit changes it in place)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    except (OSError, ValueError) as err:
+        raise WeightEditError(f"cannot load the language model at {folder}: {err}") from None
+    return model, tokenizer
+
+
+def previous_edits(folder: Path) -> list[dict[str, Any]]:
+    """The edits an already edited source carries (from its manifest), oldest first; [] for an unedited model."""
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return []
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise WeightEditError(f"cannot read {path}: {err}") from None
+    if manifest.get("format") != LLM_FORMAT:
+        raise WeightEditError(f"{path} is not a language-model edit manifest ({manifest.get('format')})")
+    return [*manifest.get("previous_edits", []), {key: manifest[key] for key in ("policy", "method", "concepts",
+                                                                              "result")}]
+
+
+def build_llm_manifest(policy: Policy, policy_file: Path, result: "StampResult", source: Path, source_hash: str,
+                       source_files: list[str], history: list[dict[str, Any]],
+                       measurement: "Measurement | None") -> dict[str, Any]:
+    plan = result.plan
+    return {
+        "format": LLM_FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tool": {"name": "erasure-guard", "version": version("erasure-guard")},
+        "policy": {"name": policy.name, "fingerprint": policy.fingerprint, "version_tag": policy.version_tag,
+                   "file": str(policy_file)},
+        "method": plan.method,
+        "layers": [layer.layer for layer in result.layers],
+        "parameters": plan.parameters(),
+        "concepts": [concept.to_json() for concept in plan.concepts],
+        "source_model": {"path": str(source), "weights_sha256": source_hash, "weight_files": source_files},
+        "result": result.to_json(),
+        "measured": measurement.to_json() if measurement else None,
+        "previous_edits": history,
+    }
+
+
+def render_llm_report(manifest: dict[str, Any], out: Path) -> str:
+    """What was erased from the language model, where, and what it cost on the measured prompts."""
+    result, measured = manifest["result"], manifest["measured"]
+    lines = [
+        "# Erasure report (language model)", "",
+        f"- Edited model: `{out}` (weights sha256 `{manifest['edited_model']['weights_sha256'][:16]}…`)",
+        f"- Source model: `{manifest['source_model']['path']}` "
+        f"(weights sha256 `{manifest['source_model']['weights_sha256'][:16]}…`)",
+        f"- Policy: `{manifest['policy']['version_tag']}` from `{manifest['policy']['file']}`",
+        f"- Method: {manifest['method']}; concepts: {', '.join(c['id'] for c in manifest['concepts'])}; "
+        f"earlier edits kept: {len(manifest['previous_edits'])}",
+        f"- Keys: {result['forget_keys']} forget, {result['retain_keys']} retain, {result['preserved_keys']} preserved "
+        f"(earlier edits); edit took {result['edit_seconds']:.1f} s",
+        "", "| layer | change norm | relative change | target reached | retain drift | separation |",
+        "|---|---|---|---|---|---|",
+    ]
+    for layer in result["layers"]:
+        lines.append(f"| {layer['layer']} | {layer['change_norm']:.3f} | {layer['relative_change']:.3f} | "
+                     f"{layer['target_reached']:.3f} | {layer['retain_drift']:.3f} | {layer['separation']:.3f} |")
+    if measured:
+        lines += ["", f"Greedy answers ({measured['max_new_tokens']} tokens, {measured['prompts']} prompts per set): "
+                  f"forget prompts naming their concept {measured['forget_named_before']:.0%} before, "
+                  f"{measured['forget_named_after']:.0%} after; retain answers unchanged "
+                  f"{measured['retain_identical']:.0%}."]
+    lines += ["", "Target reached: share of the redirection toward the refusal reference that the solve achieves on "
+              "the forget keys. Retain drift: |ΔW k| / |W k| on benign prompts the edit never saw.", ""]
+    return "\n".join(lines)
 
 
 def check_out_folder(source: Path, out: Path, force: bool) -> Path:
@@ -167,16 +274,19 @@ def render_report(manifest: dict[str, Any], out: Path) -> str:
     return "\n".join(lines)
 
 
-def write_edited_model(pipe: "StableDiffusionPipeline", target: Path, manifest: dict[str, Any]) -> str:
-    """Save into a staging folder beside ``target``, then swap it in, so a failure never leaves half a model."""
+def write_edited_model(parts: Sequence[Any], target: Path, manifest: dict[str, Any],
+                       render: Callable[[dict[str, Any], Path], str] = render_report) -> str:
+    """Save every part (pipeline, or model and tokenizer) into a staging folder beside ``target``, then swap it
+    in, so a failure never leaves half a model."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()  # not mkdtemp: its private mode would stick to the published folder
     try:
-        pipe.save_pretrained(staging, safe_serialization=True)
+        for part in parts:
+            part.save_pretrained(staging, safe_serialization=True)
         edited_hash, _ = weights_sha256(staging)
         manifest["edited_model"] = {"weights_sha256": edited_hash}
-        report = render_report(manifest, target)
+        report = render(manifest, target)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         (staging / REPORT_NAME).write_text(report, encoding="utf-8")
         if target.exists():

@@ -178,11 +178,32 @@ class UCESettings(_Strict):
                           "directions the edit may change.")
 
 
+class StampSettings(_Strict):
+    """Closed-form MLP down-projection edit for language models (STAMP, its low-rank variant, AlphaEdit)."""
+
+    method: Literal["stamp", "stamp-lr", "alphaedit"] = Field(
+        "stamp", description="'stamp': regularised least squares with a retain buffer; 'stamp-lr': the same "
+                             "restricted to the forget keys' top singular subspace; 'alphaedit': null-space "
+                             "projection that leaves the retain keys' principal subspace untouched.")
+    layers: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list, description="Decoder layers to edit; empty chooses by forget/refusal separation.")
+    layer_count: int = Field(2, ge=1, le=8, description="How many layers the automatic choice edits.")
+    strength: NonNegative = Field(1.5, description="How far the forget prompts' last tokens move toward the refusal "
+                                                   "reference (1 = all the way; spread over the edited layers).")
+    retain_weight: NonNegative = Field(10.0, description="Weight of the retain-buffer keys against the forget keys.")
+    ridge: Annotated[float, Field(gt=0)] = Field(
+        0.1, description="Ridge weight keeping the edit small, relative to the mean squared forget-key norm.")
+    rank: int = Field(64, ge=1, description="stamp-lr: rank of the update.")
+    preserve_energy: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.9, description="alphaedit: share of the retain keys' energy whose subspace the edit must not touch.")
+
+
 class MethodSettings(_Strict):
     token_penalty: TokenPenaltySettings = Field(default_factory=TokenPenaltySettings)
     semantic_surgery: SemanticSurgerySettings = Field(default_factory=SemanticSurgerySettings)
     adavd: AdaVDSettings = Field(default_factory=AdaVDSettings)
     uce: UCESettings = Field(default_factory=UCESettings)
+    stamp: StampSettings = Field(default_factory=StampSettings)
 
 
 class CertifySettings(_Strict):

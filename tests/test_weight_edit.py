@@ -305,7 +305,7 @@ def test_guard_edit_errors_are_one_line_and_exit_2(source_dir, tmp_path):
     cases = [
         (("--policy", str(BASIC), "--model", str(tmp_path / "missing")), "does not exist"),
         (("--policy", str(BASIC), "--model", str(not_a_pipeline)), "not a diffusers pipeline folder"),
-        (("--policy", str(BASIC), "--model", "embedded:smollm2"), "is a language model"),
+        (("--policy", str(BASIC), "--model", "embedded:smollm2", "--method", "nope"), "unknown method 'nope'"),
         (("--policy", str(bad_policy), "--model", str(source_dir)), "bad.yaml:1"),
         (("--policy", str(tmp_path / "none.yaml"), "--model", str(source_dir)), "file not found"),
         (("--policy", str(BASIC), "--model", str(source_dir), "--concept", "weapons"), "unknown concept id 'weapons'"),

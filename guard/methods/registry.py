@@ -8,11 +8,13 @@ one new module under :mod:`guard.methods`, its settings model in :mod:`guard.pol
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Literal
 
-from guard.policy import Concept
+from guard.errors import WeightEditError
+from guard.policy import Concept, ConceptKind, Policy
 
 Stage = Literal["decoding", "prompt embeddings", "cross-attention values", "weights"]
 
@@ -44,6 +46,7 @@ METHODS: tuple[ErasureMethod, ...] = (
                   "Semantic Surgery"),
     ErasureMethod("adavd", "image", "cross-attention values", "guard.methods.adavd", "AdaVD"),
     ErasureMethod("uce", "image", "weights", "guard.methods.uce", "UCE / RECE"),
+    ErasureMethod("stamp", "text", "weights", "guard.methods.stamp", "STAMP (RePAIR) / STAMP-LR / AlphaEdit"),
 )
 
 
@@ -57,3 +60,19 @@ def method(name: str) -> ErasureMethod:
 def enabled_methods(concept: Concept) -> list[ErasureMethod]:
     """The methods a concept has switched on, in registry order."""
     return [entry for entry in METHODS if entry.enabled(concept)]
+
+
+def concepts_to_edit(policy: Policy, concept_ids: Sequence[str], kinds: Sequence[ConceptKind]) -> list[Concept]:
+    """The named concepts (each once, unknown ids an error), else every concept of the given kinds."""
+    known = [concept.id for concept in policy.concepts]
+    if concept_ids:
+        unknown = [concept_id for concept_id in concept_ids if concept_id not in known]
+        if unknown:
+            raise WeightEditError(f"unknown concept id {', '.join(repr(u) for u in unknown)} "
+                                  f"(policy '{policy.name}' defines: {', '.join(known)})")
+        return [policy.concept(concept_id) for concept_id in dict.fromkeys(concept_ids)]
+    chosen = [concept for concept in policy.concepts if concept.kind in kinds]
+    if not chosen:
+        raise WeightEditError(f"policy '{policy.name}' has no {'/'.join(kind.value for kind in kinds)} concepts; "
+                              "name the concepts to edit with --concept")
+    return chosen

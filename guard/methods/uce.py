@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from detectors.calibration import benign_image_prompts
 from guard.errors import WeightEditError
+from guard.methods.registry import concepts_to_edit
 from guard.policy import Concept, ConceptKind, Policy
 
 if TYPE_CHECKING:
@@ -96,19 +97,7 @@ def plan_from_policy(policy: Policy, concept_ids: Sequence[str] = (), solver: So
     ``solver`` is plain UCE or the null-space-preserving solve."""
     if solver not in SOLVERS:
         raise WeightEditError(f"unknown method '{solver}' (known: {', '.join(SOLVERS)})")
-    known = [concept.id for concept in policy.concepts]
-    if concept_ids:
-        unknown = [concept_id for concept_id in concept_ids if concept_id not in known]
-        if unknown:
-            raise WeightEditError(f"unknown concept id {', '.join(repr(u) for u in unknown)} "
-                                  f"(policy '{policy.name}' defines: {', '.join(known)})")
-        chosen = [policy.concept(concept_id) for concept_id in dict.fromkeys(concept_ids)]
-    else:
-        chosen = [concept for concept in policy.concepts if concept.kind in DIFFUSION_KINDS]
-        if not chosen:
-            kinds = ", ".join(kind.value for kind in DIFFUSION_KINDS)
-            raise WeightEditError(f"policy '{policy.name}' has no diffusion concepts (kinds {kinds}); "
-                                  "name the concepts to edit with --concept")
+    chosen = concepts_to_edit(policy, concept_ids, DIFFUSION_KINDS)
     for concept in chosen:
         if not concept.aliases:
             raise WeightEditError(f"concept '{concept.id}' has no aliases: UCE edits the token embeddings of the "
