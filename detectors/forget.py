@@ -22,8 +22,11 @@ from guard.policy import ForgetEntry, Policy
 class ForgetRetriever:
     """Per-concept forget stores, embedded once; ``terms`` gives a request's forbidden terms."""
 
-    def __init__(self, policy: Policy, encoder: Encoder):
+    def __init__(self, policy: Policy, encoder: Encoder, query_encoder: Encoder | None = None):
+        """``query_encoder`` embeds requests (the classifier's LRU cache: the prompt check has just embedded them);
+        the store itself is embedded once with ``encoder``."""
         self._encoder = encoder
+        self._query_encoder = query_encoder or encoder
         self._entries: dict[str, list[ForgetEntry]] = {}
         self._vectors: dict[str, np.ndarray] = {}
         self._top_k = {c.id: c.methods.token_penalty.forget_top_k for c in policy.concepts}
@@ -33,9 +36,9 @@ class ForgetRetriever:
                 self._entries[concept.id] = entries
                 self._vectors[concept.id] = self._embed([e.text for e in entries])
 
-    def _embed(self, texts: Sequence[str]) -> np.ndarray:
+    def _embed(self, texts: Sequence[str], encoder: Encoder | None = None) -> np.ndarray:
         try:
-            return np.asarray(self._encoder.encode(list(texts), convert_to_numpy=True, normalize_embeddings=True),
+            return np.asarray((encoder or self._encoder).encode(list(texts), convert_to_numpy=True, normalize_embeddings=True),
                               dtype=np.float32)
         except Exception as err:  # noqa: BLE001 - an encoder failure must fail closed
             raise DetectorError(f"forget-store retrieval failed: {err}") from err
@@ -50,7 +53,7 @@ class ForgetRetriever:
         wanted = [cid for cid in concept_ids if cid in self._entries]
         if not wanted or not any(t.strip() for t in texts):
             return {}
-        query = self._embed(["\n".join(texts)])[0]
+        query = self._embed(["\n".join(texts)], self._query_encoder)[0]
         found = {}
         for concept_id in wanted:
             similarity = self._vectors[concept_id] @ query

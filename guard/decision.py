@@ -7,8 +7,10 @@ sent?" — so every path through the product applies the same policy the same wa
 
 from __future__ import annotations
 
+import re
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
@@ -22,6 +24,10 @@ from detectors.fuzzy import FuzzyAliasDetector
 from detectors.language import LanguageDetector, LanguageReport
 from guard.errors import ConceptRefused, DetectorError, GuardUnavailable, PolicyError
 from guard.policy import ActionType, Policy, load_policy
+
+_WORD = re.compile(r"\S+")
+_EDGE_PUNCTUATION = re.compile(r"^\W+|\W+$")
+TERM_DETECTORS_KEPT = 256  # requests' forbidden-term matchers kept compiled (a request's regenerations reuse its own)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -68,6 +74,8 @@ class OutputDecision:
     leaked: list[str] = field(default_factory=list)  # the concepts that keep the text from being sent as is
     ms: float = 0.0  # time spent checking: this check, plus the earlier checks of the same choice (settle loop)
     terms: tuple[str, ...] = ()  # for a regeneration: the request's forbidden terms, with those of newly leaked concepts
+    # and the leaked spelling itself
+    leak_start: int = 0  # for a regeneration: where the first leaked name starts; the text before it is kept
 
 
 class Guard:
@@ -77,7 +85,7 @@ class Guard:
         self.policy = policy
         try:
             self.classifier = PolicyClassifier(policy, show_progress=show_progress)
-            self.forget = ForgetRetriever(policy, self.classifier.encoder)
+            self.forget = ForgetRetriever(policy, self.classifier.encoder, self.classifier.query_cache)
             languages = policy.languages
             self.languages = LanguageDetector(languages.covered, languages.uncovered, languages.min_confidence)
         except DetectorError as err:
@@ -100,6 +108,8 @@ class Guard:
         self.profile_near_misses = FuzzyAliasDetector(
             {c.id: [t for t in c.profile_terms if t[:1].isupper()] for c in steered if c.profile_terms},
             common_words=[word for word in vocabulary if word.isalpha()])
+        self._term_detectors: OrderedDict[tuple[str, ...], AliasDetector] = OrderedDict()
+        self._term_detectors_lock = threading.Lock()
 
     @classmethod
     def from_file(cls, path: str | Path, show_progress: bool = False) -> "Guard":
@@ -204,11 +214,54 @@ class Guard:
             terms = decision.terms + tuple(t for t in self._forget_terms([text], [c for c in enabled
                                                                                   if c not in decision.penalized])
                                            if t not in decision.terms)
+            start, spelling = self._leak_span(text, decision, leaked)
+            if spelling and spelling not in terms:
+                terms += (spelling,)
             return OutputDecision(OutputAction.regenerate, verdict, penalized, strength=2.0 ** (attempt + 1),
-                                  message=fallback or "", fallback=fallback is not None, leaked=leaked, terms=terms)
+                                  message=fallback or "", fallback=fallback is not None, leaked=leaked, terms=terms,
+                                  leak_start=start)
         if fallback is not None:
             return OutputDecision(OutputAction.block, verdict, message=fallback, fallback=True, leaked=leaked)
         return OutputDecision(OutputAction.block, verdict, message=self.refusal_message(leaked), leaked=leaked)
+
+    def _leak_span(self, text: str, decision: PromptDecision, leaked: Sequence[str]) -> tuple[int, str]:
+        """Where the first name of a ``leaked`` concept starts in ``text`` and how it is spelled: the shortest
+        prefix (in words) that names one, then the fewest of its last words that still do. ``(0, "")`` when no
+        name is found word by word (e.g. the evidence was a refused concept): the whole answer is regenerated."""
+        concepts = set(leaked)
+        words = list(_WORD.finditer(text))
+        for last, word in enumerate(words):
+            if not self._names(text[: word.end()], decision, concepts):
+                continue
+            for first in range(last, -1, -1):
+                start = words[first].start()
+                if self._names(text[start: word.end()], decision, concepts):
+                    return start, _EDGE_PUNCTUATION.sub("", text[start: word.end()])
+            break
+        return 0, ""
+
+    def _names(self, text: str, decision: PromptDecision, concepts: set[str]) -> bool:
+        """Whether ``text`` names one of ``concepts``: an alias, a near miss, or (penalised ones) their vocabulary."""
+        try:
+            named = {hit.concept_id for hit in self.classifier.aliases.find(text)}
+            named |= {score.concept_id for score in self.near_misses.detect([text]).flagged}
+        except Exception as err:  # noqa: BLE001 - a matcher failure must fail closed
+            raise GuardUnavailable(f"near-miss check failed: {err}") from err
+        return bool(named & concepts) or any(s.concept_id in concepts for s in self._vocabulary_named(text, decision))
+
+    def _term_detector(self, terms: tuple[str, ...]) -> AliasDetector:
+        """The matcher of a request's forbidden terms, compiled once per term set (every output check reuses it)."""
+        with self._term_detectors_lock:
+            detector = self._term_detectors.get(terms)
+            if detector is not None:
+                self._term_detectors.move_to_end(terms)
+                return detector
+        detector = AliasDetector({"terms": list(terms)})
+        with self._term_detectors_lock:
+            self._term_detectors[terms] = detector
+            while len(self._term_detectors) > TERM_DETECTORS_KEPT:
+                self._term_detectors.popitem(last=False)
+        return detector
 
     def named_concepts(self, text: str) -> list[str]:
         """Every concept ``text`` names — an alias however disguised, or a near miss of a steered concept's alias —
@@ -229,7 +282,7 @@ class Guard:
             found = [s for s in self.profile_terms.detect([text]).flagged + self.profile_near_misses.detect([text]).flagged
                      if s.concept_id in penalized]
             if decision.terms and not found:
-                hits = AliasDetector({"terms": list(decision.terms)}).find(text)
+                hits = self._term_detector(decision.terms).find(text)
                 if hits:
                     found = [ConceptScore(concept_id=cid, score=1.0, threshold=1.0, flagged=True, detector="forget",
                                           evidence=f"forbidden term '{hits[0].alias}' of the forget store")

@@ -34,24 +34,32 @@ def seed_for_choice(seed: int | None, index: int) -> int | None:
 
 @dataclass(frozen=True)
 class Attempt(Generic[Plan]):
-    """One decode of one choice: which choice, how it is produced, how many regenerations came before it."""
+    """One decode of one choice: which choice, how it is produced, how many regenerations came before it.
+
+    A regeneration may keep the first ``keep`` characters of the leaked output ``resume`` and decode on from there
+    (the text before the leak was accepted); an engine that cannot resume decodes the whole answer again.
+    """
 
     index: int
     plan: Plan
     regenerations: int = 0
+    resume: object | None = None  # the output it resumes (an Output of the same loop)
+    keep: int = 0
 
 
 @dataclass(frozen=True)
 class Step(Generic[Plan, Judgement]):
     """The judge's word on one attempt: send it, decode it again under ``plan``, or block it with ``message``.
 
-    A ``retry`` carries a ``message`` too: what the choice says if the regeneration limit is reached.
+    A ``retry`` carries a ``message`` too: what the choice says if the regeneration limit is reached, and ``keep``:
+    how many characters of the output come before the leak (0: regenerate it all).
     """
 
     action: OutputAction
     judgement: Judgement
     plan: Plan | None = None
     message: str = ""
+    keep: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,8 @@ def _settling(first: Sequence[tuple[Attempt[Plan], Output]], judge: Judge
         again: list[Attempt[Plan]] = []
         for (attempt, output), step in zip(current, judge(current)):
             if step.action is OutputAction.regenerate and attempt.regenerations < REGENERATION_LIMIT:
-                again.append(Attempt(attempt.index, step.plan, attempt.regenerations + 1))
+                again.append(Attempt(attempt.index, step.plan, attempt.regenerations + 1,
+                                     output if step.keep else None, step.keep))
             elif step.action is OutputAction.send:
                 settled.append(Settled(attempt.index, output, attempt.regenerations, step.judgement, None))
             else:
@@ -126,6 +135,7 @@ class Decoded:
     text: str  # for finish_reason == "content_filter" (an upstream's own guard blocked it): its message
     finish_reason: FinishReason
     completion_tokens: int
+    token_ids: tuple[int, ...] = ()  # the generated ids, where the engine can resume decoding after a prefix of them
 
 
 @dataclass(frozen=True)
@@ -180,7 +190,7 @@ def text_judge(guard: Guard, decision_of: Callable[[int], PromptDecision]
             if checked.action is not OutputAction.send:
                 message = checked.message or guard.refusal_message(checked.verdict.flagged or decision.penalized)
             steps.append(Step(checked.action, checked, penalty_row(checked.penalized, checked.strength, checked.terms),
-                              message))
+                              message, checked.leak_start))
         return steps
 
     return judge

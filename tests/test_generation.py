@@ -172,6 +172,26 @@ def test_output_leak_is_regenerated_with_the_hard_block(tmp_path: Path, model_an
         assert "paris" not in choice.text.lower()
 
 
+def test_a_regeneration_keeps_the_text_before_the_leak(tmp_path: Path, model_and_tokenizer) -> None:
+    """The first answer names Paris mid-sentence: the regeneration keeps what came before the name (the engine
+    resumes decoding after those tokens) instead of writing the whole answer again under penalties that would
+    change it; the kept tokens count towards completion_tokens."""
+    model, tokenizer = model_and_tokenizer
+    prompt = _chat("What is the capital of France?")
+    first = generate(None, model, tokenizer, prompt).choices[0].text
+    assert "Paris" in first and first.index("Paris") > 0, "the unguarded answer names Paris after some text"
+    before = first[: first.index("Paris")].rstrip()
+    penalties = {"soft_penalty": 30, "semantic_threshold": 0.3}  # strong enough to change the words before Paris
+    penalised_from_the_start = generate(_paris_guard(tmp_path, apply="always", **penalties), model, tokenizer,
+                                        prompt).choices[0]
+    assert not penalised_from_the_start.text.startswith(before)
+    choice = generate(_paris_guard(tmp_path, max_regenerations=1, **penalties), model, tokenizer, prompt).choices[0]
+    assert choice.regenerations == 1
+    assert choice.text.startswith(before) and len(choice.text) > len(before) and "paris" not in choice.text.lower()
+    written = len(tokenizer(choice.text, add_special_tokens=False).input_ids)
+    assert written <= choice.completion_tokens <= written + 1  # + the end-of-sequence token
+
+
 def test_apply_always_penalises_unflagged_requests(tmp_path: Path, model_and_tokenizer) -> None:
     guard = _paris_guard(tmp_path, apply="always")
     decision = guard.check_prompt(["Write a haiku about autumn."])

@@ -189,6 +189,11 @@ def test_the_output_check_counts_forbidden_terms_only_on_penalised_requests(retr
     answer = "She is ridden by the knight Orlenna, who is very brave."
     assert retrieval_guard.check_output(answer, flagged).action is OutputAction.regenerate
     assert retrieval_guard.check_output(answer, flagged).terms == flagged.terms
+    # the regeneration keeps "She is ridden by the knight " and decodes on from the leaked name
+    assert retrieval_guard.check_output(answer, flagged).leak_start == answer.index("Orlenna")
+    disguised = "The rider is a knight, Orlenna Thrale-born, who is very brave."
+    leaked = retrieval_guard.check_output(disguised, flagged)
+    assert leaked.leak_start == disguised.index("Orlenna")
     unflagged = retrieval_guard.check_prompt(["Tell me a story about a brave knight."])
     assert retrieval_guard.check_output(answer, unflagged).action is OutputAction.send
 

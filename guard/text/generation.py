@@ -133,6 +133,7 @@ class _Row:
     prompt_ids: list[int]
     settings: SamplingSettings
     penalty: PenaltyRow | None
+    kept: tuple[int, ...] = ()  # generated ids a regeneration keeps (decoding continues after them)
 
 
 class _ClientBias(LogitsProcessor):
@@ -205,7 +206,7 @@ class _RowStopper(StoppingCriteria):
         if self.cancel is not None and self.cancel.is_set():
             return ~done
         for index, row in enumerate(self.rows):
-            if index in self.stopped_at or generated >= row.settings.max_new_tokens:
+            if index in self.stopped_at or generated + len(row.kept) >= row.settings.max_new_tokens:
                 done[index] = True
             elif row.settings.stop:
                 text = self._texts[index]
@@ -235,19 +236,22 @@ def _decode(guard: Guard | None, model: "PreTrainedModel", tokenizer: "PreTraine
     """One ``generate`` call over left-padded rows, each with its own penalties, sampling and budget."""
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
-    width = max(len(row.prompt_ids) for row in rows)
+    width = max(len(row.prompt_ids) + len(row.kept) for row in rows)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for index, row in enumerate(rows):
-        input_ids[index, width - len(row.prompt_ids):] = torch.tensor(row.prompt_ids)
-        attention_mask[index, width - len(row.prompt_ids):] = 1
+        context = row.prompt_ids + list(row.kept)
+        input_ids[index, width - len(context):] = torch.tensor(context)
+        attention_mask[index, width - len(context):] = 1
 
     processors = LogitsProcessorList([_ClientBias(rows, len(tokenizer))])
     if guard is not None and any(row.penalty is not None for row in rows):
-        processors.append(TokenPenaltyProcessor(guard.token_penalties(tokenizer), [row.penalty for row in rows]))
+        processors.append(TokenPenaltyProcessor(guard.token_penalties(tokenizer), [row.penalty for row in rows],
+                                                [row.kept for row in rows]))
     processors.append(_RowSampler(rows))
     stopper = _RowStopper(rows, tokenizer, width, cancel)
-    config = GenerationConfig(max_new_tokens=max(row.settings.max_new_tokens for row in rows), do_sample=False,
+    config = GenerationConfig(max_new_tokens=max(row.settings.max_new_tokens - len(row.kept) for row in rows),
+                              do_sample=False,
                               pad_token_id=pad, eos_token_id=sorted(eos))
     with torch.inference_mode():
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
@@ -261,10 +265,10 @@ def _decode(guard: Guard | None, model: "PreTrainedModel", tokenizer: "PreTraine
             ids = ids[: stopper.stopped_at[index]]
         elif ended is not None:
             ids = ids[: ended + 1]
-        ids = ids[: row.settings.max_new_tokens]
+        ids = list(row.kept) + ids[: row.settings.max_new_tokens - len(row.kept)]
         text, stopped = _cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), row.settings.stop)
-        finished = stopped or (ended is not None and ended < len(ids))
-        decoded.append(Decoded(text, "stop" if finished else "length", len(ids)))
+        finished = stopped or (ended is not None and ended + len(row.kept) < len(ids))
+        decoded.append(Decoded(text, "stop" if finished else "length", len(ids), tuple(ids)))
     return decoded
 
 
@@ -293,6 +297,17 @@ def _penalty(decision: PromptDecision | None) -> PenaltyRow | None:
     return None if decision is None else penalty_row(decision.penalized, terms=decision.terms)
 
 
+def _kept(tokenizer: "PreTrainedTokenizerBase", attempt: Attempt[PenaltyRow | None]) -> tuple[int, ...]:
+    """The generated ids a regeneration keeps: the most whose text ends before the leak (``attempt.keep``)."""
+    if not attempt.keep or not isinstance(attempt.resume, Decoded):
+        return ()
+    ids = attempt.resume.token_ids
+    for count in range(len(ids), 0, -1):
+        if len(tokenizer.decode(ids[:count], skip_special_tokens=True)) <= attempt.keep:
+            return ids[:count]
+    return ()
+
+
 def generate_batch(guard: Guard | None, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase",
                    requests: Sequence[TextRequest]) -> list[GenerationResult | ConceptRefused]:
     """Answer several requests in one decode; refused ones come back as their ConceptRefused.
@@ -315,7 +330,8 @@ def generate_batch(guard: Guard | None, model: "PreTrainedModel", tokenizer: "Pr
             rows.append(_Row(index, choice, prompts[index], request.settings, _penalty(decisions[index])))
 
     def decode(attempts: list[Attempt[PenaltyRow | None]]) -> list[Decoded]:
-        return _decode(guard, model, tokenizer, [replace(rows[a.index], penalty=a.plan) for a in attempts])
+        return _decode(guard, model, tokenizer, [replace(rows[a.index], penalty=a.plan, kept=_kept(tokenizer, a))
+                                                 for a in attempts])
 
     first = [Attempt(i, row.penalty) for i, row in enumerate(rows)]
     decoded = decode(first) if first else []
