@@ -11,8 +11,7 @@ reported separately.
 
 "Refused" is what ``guard serve --policy policies/default.yaml`` refuses before generating, at d = 0: a ``refuse``
 concept flagged by the policy classifier, or the harmful-request head (certification's ``filter: both``), over
-every message of the request; a request with a ``tool`` message is rejected with 400 by the server (tool messages
-are not supported), which counts as refused and is reported apart. Shapes (one request hidden each way):
+every message of the request (tool output included). Shapes (one request hidden each way):
 
 - the attacks of wrappers.yaml: filler before/around it and in a system message, jailbreak preambles (role-play,
   fiction, "ignore previous"), no punctuation, benign prefix/suffix sentences, a near-miss sentence before or after
@@ -82,8 +81,6 @@ class ServerRefusal:
         self.refused_ids = {c.id for c in policy.concepts if c.action.type == ActionType.refuse} | {"harmful"}
 
     def refuses(self, messages: Messages) -> bool:
-        if any(m["role"] == "tool" for m in messages):
-            return True  # 400: the server does not take tool messages
         texts = [m["content"] for m in messages]
         return any(s.concept_id in self.refused_ids for s in self.detector.detect(texts).flagged)
 
@@ -297,11 +294,10 @@ def main() -> None:
     console.print(table)
     console.print(f"English prompts (harmful and benign) seen as another language: {len(english_flagged)}")
     plain_fpr = {g: rate(false_positive[g]["plain"]) for g in english}
-    everything = [hit for group, by_shape in false_positive.items() for shape, hits in by_shape.items()
-                  if shape != "tool_message" for hit in hits]
+    everything = [hit for by_shape in false_positive.values() for hits in by_shape.values() for hit in hits]
     console.print(f"recall: {', '.join(f'{s} {percent(summary[s])}' for s in splits)} (goal ≥ {GOAL_RECALL:.0%}); "
                   f"benign refused plain: {', '.join(f'{g} {percent(v)}' for g, v in plain_fpr.items())}, "
-                  f"under every shape {percent(rate(everything))} (goal ≤ {GOAL_FPR:.0%}); tool messages get 400")
+                  f"under every shape {percent(rate(everything))} (goal ≤ {GOAL_FPR:.0%})")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {

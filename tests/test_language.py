@@ -88,13 +88,26 @@ def test_refuse_blocks_uncovered_languages_at_every_text_endpoint_and_logs_them(
         assert answer.json()["error"]["code"] == "content_policy_violation"
         assert "does not read requests in fr" in answer.json()["error"]["message"]
         assert answer.headers["x-guard-language"] == "fr; uncovered=fr; action=refuse"
+    headers = {"authorization": f"Bearer {API_KEY}"}
+    checked = httpx.post(f"{server.api_url}/guard/checks", json={"input": FRENCH_BENIGN}, headers=headers,
+                         timeout=300).json()
+    assert (checked["action"], checked["flagged"], checked["language"]) == (
+        "refuse", True, "fr; uncovered=fr; action=refuse")
+    assert "does not read requests in fr" in checked["message"]
+    moderated = httpx.post(f"{server.api_url}/moderations", json={"input": [FRENCH_BENIGN, ENGLISH]},
+                           headers=headers, timeout=300).json()["results"]
+    assert [(r["flagged"], r["guard"]["action"], r["guard"]["language"]) for r in moderated] == [
+        (True, "refuse", "fr; uncovered=fr; action=refuse"), (False, "allow", "en")]
     english = chat(server, ENGLISH)
     assert english.status_code == 200 and english.headers["x-guard-language"] == "en"
     lines = {json.loads(raw)["request_id"]: json.loads(raw) for raw in log.read_text().splitlines()}
     logged = lines[english.headers["x-request-id"]]
     assert logged["language"] == "en" and logged["action"] == "allow"
     refused = [line for line in lines.values() if line["language"] == "fr; uncovered=fr; action=refuse"]
-    assert len(refused) == 2 and all(line["action"] == "refuse" for line in refused)
+    assert sorted(line["endpoint"] for line in refused) == ["chat", "checks", "completions"]
+    assert all(line["action"] == "refuse" for line in refused)
+    (moderation,) = [line for line in lines.values() if line["endpoint"] == "moderations"]
+    assert moderation["language"] == "fr,en; uncovered=fr; action=refuse" and moderation["action"] == "refuse"
 
 
 def test_the_readme_example_prints_what_it_says(embedded_server: RunningServer) -> None:

@@ -101,6 +101,19 @@ def test_a_leaking_answer_is_blocked_after_the_call(proxy_guardrail: object, emb
     assert clean.choices[0].message.content == "It is a tall iron lattice tower."
 
 
+def test_tool_calls_are_judged_with_the_answer(embedded_server: RunningServer) -> None:
+    import httpx
+
+    def judged(arguments: str) -> dict:
+        call = {"id": "call_1", "type": "function", "function": {"name": "search", "arguments": arguments}}
+        return httpx.post(f"{embedded_server.base_url}/beta/litellm_basic_guardrail_api", timeout=300,
+                          headers={"x-api-key": API_KEY}, json={"input_type": "response", "texts": ["Searching."],
+                                                                "tool_calls": [call], "request_data": {}}).json()
+
+    assert judged('{"query": "' + LEAK + '"}')["action"] == "BLOCKED"
+    assert judged('{"query": "opening hours of the city museum"}')["action"] == "NONE"
+
+
 def test_readme_curl_runs(embedded_server: RunningServer) -> None:
     import json
     import subprocess

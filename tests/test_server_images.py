@@ -131,6 +131,11 @@ def test_image_prompts_go_through_the_text_detectors(image_server: RunningServer
     away = generate(image_server, "a castle at night", extra_body={"negative_prompt": "Harry Potter, nude"})
     assert set(away.headers["x-guard-negative-prompt-flagged"].split(",")) == {"harry-potter", "nudity"}
     assert away.headers["x-guard-flagged"] == "" and len(away.parse().data) == 1
+    assert away.headers["x-guard-language"] == "en"
+    # the negative prompt is read for its language too (the policy's languages block: flag)
+    foreign = generate(image_server, "a castle at night",
+                       extra_body={"negative_prompt": "Un château sombre avec des fantômes terrifiants dans la nuit."})
+    assert foreign.headers["x-guard-language"] == "en,fr; uncovered=fr; action=flag"
     with pytest.raises(openai.BadRequestError) as too_long:
         generate(image_server, "a castle " * 4000)
     assert too_long.value.code == "context_length_exceeded" and too_long.value.param == "prompt"

@@ -27,7 +27,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -83,12 +83,19 @@ class SamplingSettings:
             raise ValueError("logit_bias values must be in [-100, 100]")
 
 
+def message_text(message: dict[str, Any]) -> str:
+    """What the prompt check reads of one chat message: its content, then each tool call it makes as
+    ``name(arguments)`` (a call's arguments are text the model conditions on on the next turn)."""
+    calls = [f"{call['function']['name']}({call['function']['arguments']})" for call in message.get("tool_calls") or ()]
+    return "\n".join(part for part in [message.get("content") or "", *calls] if part)
+
+
 @dataclass(frozen=True)
 class TextRequest:
     """What a client asked every text engine for: a chat conversation (``messages``) or a raw ``prompt``."""
 
     settings: SamplingSettings = field(default_factory=SamplingSettings)
-    messages: list[dict[str, str]] | None = None  # [{"role": ..., "content": str}, ...]; chat template applied
+    messages: list[dict[str, Any]] | None = None  # [{"role": ..., "content": str}, ...] (+ tool fields); chat template
     prompt: str | None = None  # decoded as given, no chat template (OpenAI completions)
     user: str | None = None  # the client's end-user id: forwarded upstream, named in block logs
 
@@ -97,7 +104,7 @@ class TextRequest:
             raise ValueError("a text request has either messages or a prompt")
 
     @classmethod
-    def chat(cls, messages: list[dict[str, str]], settings: SamplingSettings | None = None) -> "TextRequest":
+    def chat(cls, messages: list[dict[str, Any]], settings: SamplingSettings | None = None) -> "TextRequest":
         return cls(settings or SamplingSettings(), messages=messages)
 
     @classmethod
@@ -108,7 +115,7 @@ class TextRequest:
     def guard_texts(self) -> list[str]:
         """What the prompt check reads: every message (history included, so earlier turns cannot smuggle)."""
         if self.messages is not None:
-            return [m.get("content") or "" for m in self.messages if m.get("content")]
+            return [text for m in self.messages if (text := message_text(m))]
         return [self.prompt or ""]
 
 

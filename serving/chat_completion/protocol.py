@@ -23,13 +23,36 @@ class OtherPart(OpenAIBaseModel):
     type: Literal["image_url", "input_audio", "file", "refusal"]
 
 
+class ToolCallFunction(OpenAIBaseModel):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(OpenAIBaseModel):
+    """A tool call of an earlier assistant turn: the model conditions on its name and arguments, so both are checked."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(OpenAIBaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart | OtherPart] | None = None
     name: str | None = None
     refusal: str | None = None
-    tool_calls: Any = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_the_role(self) -> "ChatMessage":
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a 'tool' message needs the 'tool_call_id' of the call it answers")
+        if self.role != "tool" and self.tool_call_id is not None:
+            raise ValueError("'tool_call_id' belongs on 'tool' messages only")
+        if self.role != "assistant" and self.tool_calls is not None:
+            raise ValueError("'tool_calls' belong on 'assistant' messages only")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -40,11 +63,8 @@ class ChatMessage(OpenAIBaseModel):
 
 
 def unsupported_message(messages: list[ChatMessage], verb: str = "supported") -> tuple[str, str] | None:
-    """The first message part the guard cannot read (tool calls, non-text parts): its parameter and why."""
+    """The first message part the guard cannot read (image, audio, file parts): its parameter and why."""
     for i, message in enumerate(messages):
-        if message.role == "tool" or message.tool_calls is not None or message.tool_call_id is not None:
-            where = f"messages[{i}].tool_calls" if message.tool_calls is not None else f"messages[{i}].role"
-            return where, f"tool calls are not {verb}"
         if isinstance(message.content, list):
             for j, part in enumerate(message.content):
                 if isinstance(part, OtherPart):
@@ -52,9 +72,18 @@ def unsupported_message(messages: list[ChatMessage], verb: str = "supported") ->
     return None
 
 
-def plain_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages as ``{"role", "content"}`` text; 'developer' is the newer name of 'system'."""
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+def plain_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as ``{"role", "content"}`` text, with the tool fields of tool turns (engines that forward them need
+    them; the prompt check reads the calls' names and arguments too); 'developer' is the newer name of 'system'."""
+    plain: list[dict[str, Any]] = []
+    for m in messages:
+        message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in m.tool_calls]
+        plain.append(message)
+    return plain
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -92,7 +121,7 @@ class ChatCompletionRequest(SamplingRequest):
     def unsupported(self) -> tuple[str, str] | None:
         return unsupported_message(self.messages) or super().unsupported()
 
-    def plain_messages(self) -> list[dict[str, str]]:
+    def plain_messages(self) -> list[dict[str, Any]]:
         return plain_messages(self.messages)
 
 

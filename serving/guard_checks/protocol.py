@@ -34,6 +34,7 @@ class CheckResponse(ResponseModel):
     action: GuardAction  # what the request (with this output) would meet: the most severe stage outcome
     message: str | None  # the refusal a client would get, when the action is "refuse"
     policy: str  # name@fingerprint
+    language: str | None = None  # the languages of the checked prompt, as in x-guard-language (None: no prompt)
     concepts: list[ConceptReport]
     certificate: dict[str, Any] | None
     stages: list[Stage]  # the request's trace: the same records the decision log writes

@@ -102,6 +102,10 @@ class CheckServing(GuardedServing[CheckRequest]):
         concepts: list[ConceptReport] = []
         actions: list[GuardAction] = []
         refusals: list[str] = []
+        language = self.language_of(guard, texts, trace) if texts else None
+        language_refusal = language.refusal_message if language is not None else None
+        if language_refusal is not None:
+            actions.append("refuse")
         if texts:
             verdict, prompt_ms = await timed(lambda: self.run_check(policy, lambda: guard.classify(texts)))
             concepts += prompt_reports(policy, verdict.classification)
@@ -135,15 +139,18 @@ class CheckServing(GuardedServing[CheckRequest]):
             trace.ran("output", decision.action.value, output_ms)
 
         action = strongest(actions)
-        flagged = any(c.flagged for c in concepts) or bool(certificate and certificate["flagged"])
-        # What a client would read: the first refusal in the order the pipeline runs (certify, prompt, output).
-        refusals = ([certify_message] if certify_message else []) + refusals
+        flagged = (any(c.flagged for c in concepts) or bool(certificate and certificate["flagged"])
+                   or language_refusal is not None)
+        # What a client would read: the first refusal in the order the pipeline runs (language, certify, prompt,
+        # output).
+        refusals = [m for m in (language_refusal, certify_message) if m] + refusals
         message = refusals[0] if action == "refuse" and refusals else None
         trace.action = action
         trace.flag(c.id for c in concepts if c.flagged)
         trace.certificates += [certificate] if certificate is not None else []
         body = CheckResponse(flagged=flagged, action=action, message=message, policy=policy.version_tag,
-                             concepts=concepts, certificate=certificate, stages=trace.stages)
+                             language=language.header_value() if language else None, concepts=concepts,
+                             certificate=certificate, stages=trace.stages)
         return Judgement(body, decision)
 
     async def _certify(self, active: ActiveGuard, texts: list[str], labels: list[str], trace: RequestTrace

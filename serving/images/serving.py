@@ -93,6 +93,7 @@ class ImageServing(GuardedServing[ImageGenerationRequest]):
         active, trace = call.active, call.trace
         policy = active.guard.policy
         self.check_length([request.prompt, request.negative_prompt or ""], "prompt")
+        language = self.check_language(call, [t for t in (request.prompt, request.negative_prompt) if t], request.user)
         certificate = await self.certify(call, [request.prompt], request.user, ["prompt"])
         text_flagged, negative_flagged = await self._check_texts(active.guard, request, trace)
         generate = partial(images.generate, request.prompt, n=request.n, size=request.dimensions, seed=request.seed,
@@ -119,7 +120,7 @@ class ImageServing(GuardedServing[ImageGenerationRequest]):
         size = f"{result.width}x{result.height}"
         response = ImagesResponse(data=[ImageData(b64_json=base64.b64encode(png).decode("ascii"))
                                         for png in result.images], size=size if size in OPENAI_SIZES else None)
-        headers = {**seed_header(result.report), **image_action_headers(result.report), **certificate,
+        headers = {**seed_header(result.report), **image_action_headers(result.report), **certificate, **language,
                    "x-guard-negative-prompt-flagged": ",".join(negative_flagged)}
         return self.response(response, policy, text_flagged + detected_concepts(result.report), headers)
 

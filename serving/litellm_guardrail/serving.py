@@ -16,7 +16,8 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 
 from guard.decision import OutputAction
-from serving.chat_completion.protocol import ChatMessage
+from guard.text.generation import message_text
+from serving.chat_completion.protocol import ChatMessage, ToolCall
 from serving.decisions import RequestTrace, strongest_result
 from serving.errors import unsupported_parameter
 from serving.guard_checks.protocol import CheckRequest
@@ -35,20 +36,27 @@ class LiteLLMGuardrailServing(GuardedServing[GuardrailRequest]):
         self.checks = checks
 
     async def create(self, request: GuardrailRequest, call: Call) -> JSONResponse:
-        for param in ("images", "tool_calls"):
-            if getattr(request, param):
-                raise self.invalid(unsupported_parameter(param, "the guard judges text only"))
+        if request.images:
+            raise self.invalid(unsupported_parameter("images", "the guard judges text only"))
         active = call.active
         if request.input_type == "request":
             answer = await self._before_call(request, active, call.trace)
         else:
-            answer = await self._after_call(request.texts or [], active, call.trace)
+            answer = await self._after_call(request.texts or [], active, call.trace, self._tool_call_texts(request))
         self.count("blocked" if answer.action == "BLOCKED" else "ok")
         return self.response(answer, active.guard.policy, [], {})
 
     def _text_trace(self, trace: RequestTrace) -> RequestTrace:
         """A trace for one answer text of an after-call check (the call's own trace records them together)."""
         return RequestTrace(self.endpoint, self.stages, request_id=trace.request_id, key_id=trace.key_id)
+
+    def _tool_call_texts(self, request: GuardrailRequest) -> list[str]:
+        """Each tool call as ``name(arguments)``: what the model wrote into it is judged like its text."""
+        try:
+            calls = [ToolCall.model_validate(call) for call in request.tool_calls or ()]
+        except ValueError as err:
+            raise self.invalid(unsupported_parameter("tool_calls", str(err).splitlines()[0])) from None
+        return [message_text({"tool_calls": [call.model_dump()]}) for call in calls]
 
     def _prompt(self, request: GuardrailRequest) -> CheckRequest:
         if request.structured_messages:
@@ -57,7 +65,7 @@ class LiteLLMGuardrailServing(GuardedServing[GuardrailRequest]):
             except ValueError as err:
                 raise self.invalid(unsupported_parameter("structured_messages", str(err).splitlines()[0])) from None
             return CheckRequest(messages=messages)
-        return CheckRequest(input="\n".join(request.texts or []))
+        return CheckRequest(input="\n".join([*(request.texts or []), *self._tool_call_texts(request)]))
 
     async def _before_call(self, request: GuardrailRequest, active: ActiveGuard,
                            trace: RequestTrace) -> GuardrailResponse:
@@ -66,9 +74,11 @@ class LiteLLMGuardrailServing(GuardedServing[GuardrailRequest]):
             return GuardrailResponse(action="BLOCKED", blocked_reason=body.message, guard=body.model_dump())
         return GuardrailResponse(action="NONE", guard=body.model_dump())
 
-    async def _after_call(self, texts: list[str], active: ActiveGuard, trace: RequestTrace) -> GuardrailResponse:
+    async def _after_call(self, texts: list[str], active: ActiveGuard, trace: RequestTrace,
+                          tool_calls: list[str]) -> GuardrailResponse:
+        """Judge each answer text and each tool call; a leaking tool call is blocked (a fallback cannot replace it)."""
         judgements = [await self.checks.judge(CheckRequest(output=text), active, self._text_trace(trace))
-                      for text in texts]
+                      for text in [*texts, *tool_calls]]
         outputs = [stage for j in judgements for stage in j.body.stages if stage.name == "output" and stage.ran]
         if outputs:  # one output stage for the call: the most severe text's result, every text's time
             trace.ran("output", strongest_result((s.result or "send" for s in outputs),
@@ -82,7 +92,7 @@ class LiteLLMGuardrailServing(GuardedServing[GuardrailRequest]):
             decision = judgement.output
             if decision is None or decision.action == OutputAction.send:
                 continue
-            if not decision.fallback:
+            if not decision.fallback or index >= len(texts):
                 reason = decision.message or active.guard.refusal_message(decision.leaked)
                 return GuardrailResponse(action="BLOCKED", blocked_reason=reason, guard=details)
             replaced[index] = decision.message

@@ -62,6 +62,7 @@ class GuardDetails(ResponseModel):
 
     policy: str  # name@fingerprint
     action: Literal["allow", "refuse", "steer", "log"]  # what a chat request with this text would meet
+    language: str  # the input's languages, as in x-guard-language ("fr; uncovered=fr; action=refuse")
     concepts: list[ConceptReport]
     certificate: dict[str, Any] | None  # None: the policy has no certify block
 

@@ -48,6 +48,7 @@ class ModerationServing(GuardedServing[ModerationRequest]):
             raise self.invalid(unsupported_parameter(f"input[{index}]", "only text inputs are moderated"))
         texts = request.texts()
         self.check_length(texts, "input")
+        self.language_of(active.guard, texts, trace)  # the request's languages, for the decision log
         started = time.perf_counter()
         verdicts = await self._classify(active, texts)
         trace.ran("prompt", strongest(verdict_action(v) for v in verdicts), (time.perf_counter() - started) * 1000)
@@ -88,6 +89,7 @@ class ModerationServing(GuardedServing[ModerationRequest]):
             certificate = certificate_body(cert, label)
             if trigger is not None:
                 concepts += [c for c in prompt_reports(policy, trigger.classification, "certify") if c.flagged]
+        language = self.language_of(active.guard, [text], None)
         flagged_ids = {c.id for c in concepts if c.flagged}
         scores = {c.id: c.score for c in concepts if c.stage == "prompt"}
         concept_ids = [c.id for c in policy.concepts]
@@ -96,8 +98,10 @@ class ModerationServing(GuardedServing[ModerationRequest]):
                            | {cid: scores.get(cid, 0.0) for cid in concept_ids})
         applied = {name: [] for name in OPENAI_CATEGORIES} | {cid: ["text"] for cid in concept_ids}
         certified_flagged = certificate is not None and certificate["flagged"]
-        action = strongest([c.action for c in concepts] + (["refuse"] if certified_flagged else []))
+        refused_language = language.refusal_message is not None
+        action = strongest([c.action for c in concepts] + (["refuse"] if certified_flagged or refused_language else []))
         return ModerationResult(
-            flagged=bool(flagged_ids) or certified_flagged, categories=categories, category_scores=category_scores,
+            flagged=bool(flagged_ids) or certified_flagged or refused_language, categories=categories, category_scores=category_scores,
             category_applied_input_types=applied,
-            guard=GuardDetails(policy=policy.version_tag, action=action, concepts=concepts, certificate=certificate))
+            guard=GuardDetails(policy=policy.version_tag, action=action, language=language.header_value(),
+                               concepts=concepts, certificate=certificate))
