@@ -19,6 +19,10 @@ MIN_SENTENCE_CHARS = 4  # shorter fragments ("Hi.", "1.") carry no meaning alone
 # window, so such sentences are also read in short windows. Ordinary sentences are shorter and cost nothing more.
 RUN_ON_WORDS = 40
 SHORT_WINDOW, SHORT_STRIDE = 20, 10
+# "Write a poem that answers this: <request>": a frame before a colon dilutes the request in its sentence, so
+# what follows a colon is also read alone (when it is at least this many words).
+COLON = re.compile(r":\s+")
+MIN_CLAUSE_WORDS = 3
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,17 @@ def _run_on_windows(text: str) -> list[str]:
     return windows
 
 
+def _after_colons(text: str) -> list[str]:
+    """What follows each colon of each sentence (a framed request), where it is at least ``MIN_CLAUSE_WORDS``."""
+    clauses = []
+    for unit in _units(text):
+        for found in COLON.finditer(unit):
+            rest = unit[found.end():]
+            if len(rest.split()) >= MIN_CLAUSE_WORDS:
+                clauses.append(rest)
+    return clauses
+
+
 def sentences(text: str) -> list[str]:
     """The sentences (or windows of long ones) that mean something read alone."""
     return [unit for unit in _units(text) if len(unit) >= MIN_SENTENCE_CHARS]
@@ -77,14 +92,14 @@ def _sentence_windows(units: list[str]) -> list[str]:
 
 def split_pieces(texts: Sequence[str]) -> list[Piece]:
     """Every sentence of every text, plus the whole text (or, past ``MAX_WORDS`` words, overlapping windows of
-    its sentences), plus short windows over run-on sentences; each distinct piece once, attributed to the first
-    text it occurs in."""
+    its sentences), plus short windows over run-on sentences and what follows a colon; each distinct piece once,
+    attributed to the first text it occurs in."""
     pieces: dict[str, Piece] = {}
     for source, text in enumerate(texts):
         text = text.strip()
         if not text:
             continue
         whole = [text] if len(text.split()) <= MAX_WORDS else _sentence_windows(_units(text))
-        for piece in (*whole, *sentences(text), *_run_on_windows(text)):
+        for piece in (*whole, *sentences(text), *_run_on_windows(text), *_after_colons(text)):
             pieces.setdefault(piece, Piece(piece, source))
     return list(pieces.values())
