@@ -27,6 +27,7 @@ from guard.policy import ActionType, Policy, load_policy
 
 _WORD = re.compile(r"\S+")
 _EDGE_PUNCTUATION = re.compile(r"^\W+|\W+$")
+_SENTENCE_END = re.compile(r"[.!?:;,]$")  # a word ending a clause is not part of the name after it
 TERM_DETECTORS_KEPT = 256  # requests' forbidden-term matchers kept compiled (a request's regenerations reuse its own)
 
 if TYPE_CHECKING:
@@ -214,7 +215,7 @@ class Guard:
             terms = decision.terms + tuple(t for t in self._forget_terms([text], [c for c in enabled
                                                                                   if c not in decision.penalized])
                                            if t not in decision.terms)
-            start, spelling = self._leak_span(text, decision, leaked)
+            start, spelling = self._leak_span(text, decision, leaked, terms)
             if spelling and spelling not in terms:
                 terms += (spelling,)
             return OutputDecision(OutputAction.regenerate, verdict, penalized, strength=2.0 ** (attempt + 1),
@@ -224,20 +225,32 @@ class Guard:
             return OutputDecision(OutputAction.block, verdict, message=fallback, fallback=True, leaked=leaked)
         return OutputDecision(OutputAction.block, verdict, message=self.refusal_message(leaked), leaked=leaked)
 
-    def _leak_span(self, text: str, decision: PromptDecision, leaked: Sequence[str]) -> tuple[int, str]:
-        """Where the first name of a ``leaked`` concept starts in ``text`` and how it is spelled: the shortest
-        prefix (in words) that names one, then the fewest of its last words that still do. ``(0, "")`` when no
-        name is found word by word (e.g. the evidence was a refused concept): the whole answer is regenerated."""
+    def _leak_span(self, text: str, decision: PromptDecision, leaked: Sequence[str],
+                   terms: tuple[str, ...]) -> tuple[int, str]:
+        """Where the kept text of a regeneration ends, and the leaked name's spelling.
+
+        The cut is at the first name of a ``leaked`` concept or the first of the regeneration's forbidden
+        ``terms``, whichever comes first: the shortest prefix (in words) that holds one, then the fewest of its
+        last words that still do (the spelling). The cut moves back over the capitalised words just before it, the
+        other parts of the same name ("Elon" before "Musk"), so a kept prefix never ends inside a name.
+        ``(0, "")`` when no name is found word by word (e.g. the evidence was a refused concept): the whole answer
+        is regenerated."""
         concepts = set(leaked)
+        forbidden = self._term_detector(terms) if terms else None
+
+        def holds_name(span: str) -> bool:
+            return self._names(span, decision, concepts) or (forbidden is not None and bool(forbidden.find(span)))
+
         words = list(_WORD.finditer(text))
         for last, word in enumerate(words):
-            if not self._names(text[: word.end()], decision, concepts):
+            if not holds_name(text[: word.end()]):
                 continue
-            for first in range(last, -1, -1):
-                start = words[first].start()
-                if self._names(text[start: word.end()], decision, concepts):
-                    return start, _EDGE_PUNCTUATION.sub("", text[start: word.end()])
-            break
+            first = next(first for first in range(last, -1, -1) if holds_name(text[words[first].start(): word.end()]))
+            spelling = _EDGE_PUNCTUATION.sub("", text[words[first].start(): word.end()])
+            while first > 0 and words[first - 1].group()[:1].isupper() and not _SENTENCE_END.search(
+                    words[first - 1].group()):
+                first -= 1
+            return words[first].start(), spelling
         return 0, ""
 
     def _names(self, text: str, decision: PromptDecision, concepts: set[str]) -> bool:

@@ -183,6 +183,10 @@ def text_judge(guard: Guard, decision_of: Callable[[int], PromptDecision]
                 steps.append(Step(OutputAction.block, None, message=decoded.text))
                 continue
             decision = decision_of(attempt.index)
+            if attempt.regenerations and attempt.plan is not None:
+                # a regeneration is judged by what it was decoded under: the concepts it penalised, and its
+                # forbidden terms (those the prompt missed and the earlier output revealed count as leaks too)
+                decision = replace(decision, penalized=list(attempt.plan.concept_ids), terms=attempt.plan.terms)
             checked = guard.check_output(decoded.text, decision, attempt.regenerations)
             spent_ms[attempt.index] = spent_ms.get(attempt.index, 0.0) + checked.ms
             checked = replace(checked, ms=spent_ms[attempt.index])

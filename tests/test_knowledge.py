@@ -17,6 +17,7 @@ from guard.errors import PolicyError
 from guard.methods.token_penalty.tables import PenaltyRow
 from guard.models import load_language_model
 from guard.policy import Profile, ProfileConcept, load_policy, profile_digest, save_profile
+from guard.settle import Attempt, Decoded, text_judge
 from guard.text.evaluation import near_miss
 
 POLICY = """\
@@ -196,6 +197,26 @@ def test_the_output_check_counts_forbidden_terms_only_on_penalised_requests(retr
     assert leaked.leak_start == disguised.index("Orlenna")
     unflagged = retrieval_guard.check_prompt(["Tell me a story about a brave knight."])
     assert retrieval_guard.check_output(answer, unflagged).action is OutputAction.send
+    # the kept text ends before the first forbidden term the output revealed, even when the alias that gave the
+    # concept away comes later, and never inside a name: the capitalised words just before it go too
+    revealed = "The knight Orlenna Thrale rides the dragon queen over the Emberfell hills."
+    assert retrieval_guard.check_output(revealed, unflagged).leak_start == revealed.index("Orlenna")
+    titled = "She is ridden by Sir Orlenna, who is brave."
+    assert retrieval_guard.check_output(titled, flagged).leak_start == titled.index("Sir")
+
+
+def test_a_regeneration_is_judged_by_what_it_was_decoded_under(retrieval_guard: Guard) -> None:
+    """A request the prompt check missed, regenerated after its answer named the concept: the forbidden terms
+    the first answer revealed count as leaks in the regenerated one (it is not sent as an unpenalised answer)."""
+    unflagged = retrieval_guard.check_prompt(["Tell me a story about a brave knight."])
+    revealed = retrieval_guard.check_output("The knight Orlenna Thrale flies over Emberfell.", unflagged)
+    judge = text_judge(retrieval_guard, lambda index: unflagged)
+    again = "The knight Orlenna rides into battle."
+    first, regenerated = judge([(Attempt(0, None), Decoded(again, "stop", 7)),
+                                (Attempt(1, PenaltyRow(("dragons",), 2.0, revealed.terms), regenerations=1),
+                                 Decoded(again, "stop", 7))])
+    assert first.action is OutputAction.send  # no concept named, nothing penalised: an ordinary answer
+    assert regenerated.action is OutputAction.block and regenerated.judgement.leaked == ["dragons"]
 
 
 # --- the commands -------------------------------------------------------------------------------------------------

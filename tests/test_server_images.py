@@ -128,12 +128,13 @@ def test_image_prompts_go_through_the_text_detectors(image_server: RunningServer
     with pytest.raises(openai.BadRequestError) as refused:
         generate(image_server, "the castle of H4rry P0tt3r at night")
     assert refused.value.code == "content_policy_violation" and "harry-potter" in refused.value.message
-    away = generate(image_server, "a castle at night", extra_body={"negative_prompt": "Harry Potter, nude"})
+    scene = "A dark castle stands on a hill at night."  # a full sentence: its language is identified surely
+    away = generate(image_server, scene, extra_body={"negative_prompt": "Harry Potter, nude"})
     assert set(away.headers["x-guard-negative-prompt-flagged"].split(",")) == {"harry-potter", "nudity"}
     assert away.headers["x-guard-flagged"] == "" and len(away.parse().data) == 1
     assert away.headers["x-guard-language"] == "en"
     # the negative prompt is read for its language too (the policy's languages block: flag)
-    foreign = generate(image_server, "a castle at night",
+    foreign = generate(image_server, scene,
                        extra_body={"negative_prompt": "Un château sombre avec des fantômes terrifiants dans la nuit."})
     assert foreign.headers["x-guard-language"] == "en,fr; uncovered=fr; action=flag"
     with pytest.raises(openai.BadRequestError) as too_long:
