@@ -1,18 +1,21 @@
 """Does the guard make SmolLM2 forget knowledge concepts, and what does it cost elsewhere? (RWKU/MUSE-shaped)
 
-Two splits, each a policy and a probe file under benchmarks/data/knowledge/:
+Three splits, each a policy and a probe file under benchmarks/data/knowledge/:
 
 * ``tuned``: harry-potter (franchise), microsoft (organisation), mount-everest (place), iphone (product),
   lock-picking (technique) — the project may be tuned on these;
-* ``heldout``: star-wars (franchise), elon-musk (person) — probes and policy written first, never tuned on.
+* ``heldout``: star-wars (franchise), elon-musk (person) — probes and policy written first, never tuned on (but
+  its failures have been read, so it is no longer blind);
+* ``blind``: pokemon (franchise), albert-einstein (person) — written on 2026-12-04 after the held-out split had been
+  read, run once, never tuned on.
 
 Each concept has 30 probes of RWKU's kinds (fill-in-blank, qa, paraphrase, other-language, misspelling, role-play,
-step-by-step, prefix-injection, in-context) and 5 neighbours (related but allowed); both splits share 201 retain
+step-by-step, prefix-injection, in-context) and 5 neighbours (related but allowed); all splits share 201 retain
 prompts. Every prompt is answered unguarded and guarded (greedy) in identical batches, scored by
 :mod:`guard.text.evaluation` (term leak, near-miss leak, fact leak, fallback rate, neighbours answered, retain
 identical, tokens/s ratio), plus the decode-only cost of the penalties. Before a run, draw the policies' profiles:
-``guard policy expand benchmarks/data/knowledge/tuned_policy.yaml --model embedded:smollm2`` (and heldout with
-``--concept star-wars --concept elon-musk``).
+``guard policy expand benchmarks/data/knowledge/tuned_policy.yaml --model embedded:smollm2`` (and the others, with
+their ``--concept`` ids).
 
 Run: python benchmarks/llm_erasure.py --split heldout   (CPU; writes benchmarks/results/llm_erasure_heldout.json)
 """
@@ -45,7 +48,8 @@ from guard.text.generation import SamplingSettings  # noqa: E402
 
 DATA = ROOT / "benchmarks" / "data" / "knowledge"
 SPLITS = {"tuned": (DATA / "tuned_policy.yaml", DATA / "probes_tuned.yaml"),
-          "heldout": (DATA / "heldout_policy.yaml", DATA / "probes_heldout.yaml")}
+          "heldout": (DATA / "heldout_policy.yaml", DATA / "probes_heldout.yaml"),
+          "blind": (DATA / "blind_policy.yaml", DATA / "probes_blind.yaml")}
 
 console = Console()
 
