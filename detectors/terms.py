@@ -30,6 +30,7 @@ from wordfreq import top_n_list, zipf_frequency
 # Zipf frequency (log10 of occurrences per billion words) below which a word is not common English.
 COMMON_ZIPF = 3.5
 NAME_PART_ZIPF = 4.0
+RARE_NAME_ZIPF = 3.0  # a one-word name this rare identifies its concept in a request ("Charmander", "Neuralink")
 MIN_TERM_LETTERS = 3
 MAX_NGRAM = 5
 # A name is blocked from its distinctive prefix on: the shortest prefix (at least MIN_PREFIX characters) that begins
@@ -121,6 +122,24 @@ def names(text: str) -> list[str]:
                 found.append(" ".join(run[:MAX_NGRAM]))
             run = []
     return found
+
+
+def is_rare_name(name: str) -> bool:
+    """A name that points at one thing on its own, whatever the case it is written in: several words, one of them
+    not common English ("Pallet Town" no, "Satoshi Tajiri" yes), or one rare word ("Charmander", not "Bern")."""
+    parts = name.split()
+    if len(parts) > 1:
+        return any(is_distinctive(part) for part in parts)
+    return bool(parts) and is_distinctive(parts[0]) and zipf(parts[0]) < RARE_NAME_ZIPF
+
+
+def knowledge_names(texts: Iterable[str], terms: Iterable[str] = (), exclude: Iterable[str] = ()) -> list[str]:
+    """The rare names (:func:`is_rare_name`) of ``texts`` (:func:`names`) and of ``terms`` that are capitalised;
+    ``exclude``: names already known (a concept's aliases)."""
+    known = {name.casefold() for name in exclude}
+    candidates = [name for text in texts for name in names(text)] + [t for t in terms if t[:1].isupper()]
+    found = dict.fromkeys(name for name in candidates if is_rare_name(name) and name.casefold() not in known)
+    return list(found)
 
 
 def distinctive_ngrams(text: str, max_n: int = MAX_NGRAM) -> list[str]:

@@ -16,12 +16,13 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from detectors.alias import AliasAutomaton, AliasDetector
+from detectors.alias import AliasAutomaton, AliasDetector, AliasHit
 from detectors.base import Classification, ConceptScore
 from detectors.classifier import PolicyClassifier
 from detectors.forget import ForgetRetriever
 from detectors.fuzzy import FuzzyAliasDetector
 from detectors.language import LanguageDetector, LanguageReport
+from detectors.terms import knowledge_names
 from guard.errors import ConceptRefused, DetectorError, GuardUnavailable, PolicyError
 from guard.policy import ActionType, Policy, load_policy
 
@@ -109,6 +110,12 @@ class Guard:
         self.profile_near_misses = FuzzyAliasDetector(
             {c.id: [t for t in c.profile_terms if t[:1].isupper()] for c in steered if c.profile_terms},
             common_words=[word for word in vocabulary if word.isalpha()])
+        # Rare names of a steered concept's knowledge (its forget store and profile): in a request they steer the
+        # concept, never refuse it, and join the request's forbidden terms, so the answer cannot echo them.
+        self.knowledge_names = AliasDetector({
+            c.id: found for c in policy.concepts
+            if c.action.type is ActionType.steer and c.methods.token_penalty.enabled
+            and (found := knowledge_names([e.text for e in c.forget_entries], c.profile_terms, exclude=c.aliases))})
         self._term_detectors: OrderedDict[tuple[str, ...], AliasDetector] = OrderedDict()
         self._term_detectors_lock = threading.Lock()
 
@@ -134,6 +141,32 @@ class Guard:
             {ActionType.refuse: refused, ActionType.steer: steered, ActionType.log: logged}[action].append(concept_id)
         return Verdict(classification, refused, steered, logged)
 
+    def classify_prompt(self, texts: Sequence[str], stop_on_refusal: bool = False) -> Verdict:
+        """The verdict on a request's texts: :meth:`classify`, and a steered concept not flagged otherwise whose
+        knowledge names a text uses ("Charmander" for a pokemon concept) is steered too — weak evidence, so it
+        never refuses."""
+        verdict = self.classify(texts, stop_on_refusal)
+        if verdict.refused:
+            return verdict
+        flagged = set(verdict.flagged)
+        found: dict[str, ConceptScore] = {}
+        for source, hit in self._knowledge_hits(texts):
+            if hit.concept_id not in flagged and hit.concept_id not in found:
+                found[hit.concept_id] = ConceptScore(
+                    concept_id=hit.concept_id, score=1.0, threshold=1.0, flagged=True, detector="knowledge",
+                    evidence=f"knowledge name '{hit.alias}' of its forget store or profile in message {source}")
+        if not found:
+            return verdict
+        scores = [s for s in verdict.classification.scores if s.concept_id not in found] + list(found.values())
+        return Verdict(Classification(sorted(scores, key=lambda s: (not s.flagged, -s.margin))), verdict.refused,
+                       verdict.steered + list(found), verdict.logged)
+
+    def _knowledge_hits(self, texts: Sequence[str]) -> list[tuple[int, AliasHit]]:
+        try:
+            return [(source, hit) for source, text in enumerate(texts) for hit in self.knowledge_names.find(text)]
+        except Exception as err:  # noqa: BLE001 - a matcher failure must fail closed
+            raise GuardUnavailable(f"knowledge-name check failed: {err}") from err
+
     def refusal_message(self, concept_ids: Sequence[str]) -> str:
         return self.policy.refusal_message(concept_ids)
 
@@ -147,13 +180,15 @@ class Guard:
     def check_prompt(self, texts: Sequence[str]) -> PromptDecision:
         """Raise :class:`ConceptRefused` for refused concepts; otherwise say which concepts to erase."""
         started = time.perf_counter()
-        verdict = self.classify(texts, stop_on_refusal=True)
+        verdict = self.classify_prompt(texts, stop_on_refusal=True)
         ms = (time.perf_counter() - started) * 1000
         if verdict.refused:
             raise ConceptRefused(verdict.refused, self.refusal_message(verdict.refused), ms=ms)
         decision = self.prompt_decision(verdict)
         if decision.penalized:
-            decision = replace(decision, terms=self._forget_terms(texts, decision.penalized))
+            echoed = [hit.alias for _, hit in self._knowledge_hits(texts) if hit.concept_id in decision.penalized]
+            terms = self._forget_terms(texts, decision.penalized)
+            decision = replace(decision, terms=terms + tuple(t for t in dict.fromkeys(echoed) if t not in terms))
         return replace(decision, ms=(time.perf_counter() - started) * 1000)
 
     def _forget_terms(self, texts: Sequence[str], concept_ids: Sequence[str]) -> tuple[str, ...]:

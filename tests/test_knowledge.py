@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from detectors.terms import distinctive_ngrams, distinctive_prefix, draw_terms
+from detectors.terms import distinctive_ngrams, distinctive_prefix, draw_terms, is_rare_name
 from guard.cli import app
 from guard.decision import Guard, OutputAction
 from guard.errors import PolicyError
@@ -203,6 +203,20 @@ def test_the_output_check_counts_forbidden_terms_only_on_penalised_requests(retr
     assert retrieval_guard.check_output(revealed, unflagged).leak_start == revealed.index("Orlenna")
     titled = "She is ridden by Sir Orlenna, who is brave."
     assert retrieval_guard.check_output(titled, flagged).leak_start == titled.index("Sir")
+
+
+def test_a_rare_name_of_the_forget_store_steers_the_request(retrieval_guard: Guard) -> None:
+    """A request naming what only the concept's knowledge names (no alias, no close exemplar) is steered for it,
+    and the name joins its forbidden terms, so the answer cannot echo it; common words and unrelated requests
+    are not."""
+    named = retrieval_guard.check_prompt(["Where does Vashkara sleep?"])
+    assert named.penalized == ["dragons"] and "Vashkara" in named.terms
+    (evidence,) = named.verdict.classification.flagged
+    assert evidence.detector == "knowledge" and "'Vashkara'" in evidence.evidence
+    for unrelated in ("What are volcanic islands?", "Tell me a story about a brave knight."):
+        assert retrieval_guard.check_prompt([unrelated]).penalized == []
+    assert [is_rare_name(name) for name in ("Charmander", "Pallet Town", "Bern", "South Africa")] == [
+        True, True, False, False]
 
 
 def test_a_regeneration_is_judged_by_what_it_was_decoded_under(retrieval_guard: Guard) -> None:

@@ -107,7 +107,7 @@ class CheckServing(GuardedServing[CheckRequest]):
         if language_refusal is not None:
             actions.append("refuse")
         if texts:
-            verdict, prompt_ms = await timed(lambda: self.run_check(policy, lambda: guard.classify(texts)))
+            verdict, prompt_ms = await timed(lambda: self.run_check(policy, lambda: guard.classify_prompt(texts)))
             concepts += prompt_reports(policy, verdict.classification)
             prompt_action = strongest(c.action for c in concepts)
             trace.ran("prompt", prompt_action, prompt_ms)
