@@ -1,13 +1,14 @@
 """Does the guard make SmolLM2 forget knowledge concepts, and what does it cost elsewhere? (RWKU/MUSE-shaped)
 
-Three splits, each a policy and a probe file under benchmarks/data/knowledge/:
+Four splits, each a policy and a probe file under benchmarks/data/knowledge/:
 
 * ``tuned``: harry-potter (franchise), microsoft (organisation), mount-everest (place), iphone (product),
   lock-picking (technique) — the project may be tuned on these;
 * ``heldout``: star-wars (franchise), elon-musk (person) — probes and policy written first, never tuned on (but
   its failures have been read, so it is no longer blind);
 * ``blind``: pokemon (franchise), albert-einstein (person) — written on 2026-12-04 after the held-out split had been
-  read, run once, never tuned on.
+  read, run once before a change made for its failures, never tuned on;
+* ``blind2``: sherlock-holmes (character), titanic (event) — written after that change, before anything ran on it.
 
 Each concept has 30 probes of RWKU's kinds (fill-in-blank, qa, paraphrase, other-language, misspelling, role-play,
 step-by-step, prefix-injection, in-context) and 5 neighbours (related but allowed); all splits share 201 retain
@@ -49,7 +50,8 @@ from guard.text.generation import SamplingSettings  # noqa: E402
 DATA = ROOT / "benchmarks" / "data" / "knowledge"
 SPLITS = {"tuned": (DATA / "tuned_policy.yaml", DATA / "probes_tuned.yaml"),
           "heldout": (DATA / "heldout_policy.yaml", DATA / "probes_heldout.yaml"),
-          "blind": (DATA / "blind_policy.yaml", DATA / "probes_blind.yaml")}
+          "blind": (DATA / "blind_policy.yaml", DATA / "probes_blind.yaml"),
+          "blind2": (DATA / "blind2_policy.yaml", DATA / "probes_blind2.yaml")}
 
 console = Console()
 

@@ -96,10 +96,16 @@ class AliasDetector(Detector):
 
     name = "alias"
 
-    def __init__(self, aliases: Mapping[str, Sequence[str]], thresholds: Mapping[str, float] | None = None):
+    def __init__(self, aliases: Mapping[str, Sequence[str]], thresholds: Mapping[str, float] | None = None,
+                 exceptions: Mapping[str, Sequence[str]] | None = None):
         """A hit is certain, so it scores 1.0 (a perfect match). ``thresholds`` puts it on another detector's
-        scale per concept (the policy passes its semantic thresholds, all at most 1.0); the default is 1.0."""
+        scale per concept (the policy passes its semantic thresholds, all at most 1.0); the default is 1.0.
+        ``exceptions``: per concept, phrases in which its aliases do not count ("naked eye"), as written (any case);
+        a disguised exception is not recognised, so the alias then counts (fail closed)."""
         self._thresholds = dict(thresholds or {})
+        self._exceptions = {concept_id: re.compile("|".join(rf"(?<!\w){re.escape(p)}(?!\w)" for p in phrases),
+                                                   re.IGNORECASE)
+                            for concept_id, phrases in (exceptions or {}).items() if phrases}
         self._spaced: dict[str, list[tuple[str, str]]] = {}
         self._squashed: dict[str, list[tuple[str, str]]] = {}
         self._spelled: dict[str, list[tuple[str, str]]] = {}
@@ -159,7 +165,16 @@ class AliasDetector(Detector):
         return Classification(list(scores.values()))
 
     def find(self, text: str) -> list[AliasHit]:
-        """Every (concept, alias) pair found in ``text``, each once, with the span that matched."""
+        """Every (concept, alias) pair found in ``text``, each once, with the span that matched; a concept's hits
+        that only occur inside its exception phrases are dropped."""
+        hits = self._find(text)
+        for concept_id in {hit.concept_id for hit in hits} & self._exceptions.keys():
+            outside = {hit.alias for hit in self._find(self._exceptions[concept_id].sub(" ", text))
+                       if hit.concept_id == concept_id}
+            hits = [hit for hit in hits if hit.concept_id != concept_id or hit.alias in outside]
+        return hits
+
+    def _find(self, text: str) -> list[AliasHit]:
         hits: dict[tuple[str, str], AliasHit] = {}
         counts: dict[tuple[str, str], int] = {}
         for form in canonical_forms(text):

@@ -64,7 +64,8 @@ class PolicyClassifier(Detector):
         # sentences and repeated prompts cost nothing the second time.
         self.query_cache = query_cache if query_cache is not None else CachedEncoder(self.encoder, QUERY_CACHE_SIZE)
         thresholds = {c.id: c.detection.semantic_threshold for c in policy.concepts}
-        self.aliases = AliasDetector({c.id: c.aliases for c in policy.concepts if c.detection.aliases}, thresholds)
+        self.aliases = AliasDetector({c.id: c.aliases for c in policy.concepts if c.detection.aliases}, thresholds,
+                                     {c.id: c.alias_exceptions for c in policy.concepts})
         # The description is a positive exemplar too: a concept defined only by name and description still works.
         self.semantic = SemanticDetector(
             self.encoder,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from pydantic import (
     PrivateAttr,
     Tag,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -284,6 +287,9 @@ class Concept(_Strict):
     kind: ConceptKind
     description: str = Field(min_length=1)
     aliases: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    alias_exceptions: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="Phrases in which an alias does not name the concept ('naked eye' for the "
+                                          "alias 'naked'); each must contain one of the concept's aliases.")
     exemplars: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     negatives: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     anchor: str = Field("", description="Replacement concept for diffusion edits ('' = the empty prompt).")
@@ -303,6 +309,16 @@ class Concept(_Strict):
         if not self.exemplars and not self.aliases:
             raise ValueError("needs at least one exemplar or alias, otherwise nothing can detect it")
         return self
+
+    @field_validator("alias_exceptions")
+    @classmethod
+    def _exceptions_name_an_alias(cls, phrases: list[str], info: ValidationInfo) -> list[str]:
+        """An exception without an alias in it could never apply: a typo, which must not pass silently."""
+        aliases = info.data.get("aliases") or []
+        for phrase in phrases:
+            if not any(re.search(rf"(?<!\w){re.escape(alias)}(?!\w)", phrase, re.IGNORECASE) for alias in aliases):
+                raise ValueError(f"'{phrase}' contains none of the concept's aliases, so it can never apply")
+        return phrases
 
     @property
     def surface_forms(self) -> list[str]:

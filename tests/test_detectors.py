@@ -316,3 +316,14 @@ def test_a_vetoed_alias_leaves_semantic_evidence_free_to_flag(classifier: Policy
     result = classifier.detect(messages)
     assert "nudity" in result.flagged_ids
     assert next(s for s in result.scores if s.concept_id == "nudity").detector == "semantic"
+
+
+def test_an_alias_inside_a_policy_exception_phrase_does_not_count(classifier: PolicyClassifier) -> None:
+    """policies/default.yaml lists "naked eye" as an exception of the nudity alias "naked": the idiom passes, the
+    alias anywhere else in the same text still counts, and so does a disguised exception (fail closed)."""
+    assert "nudity" not in classifier.detect(["Black holes are invisible to the naked eye."]).flagged_ids
+    assert "nudity" not in classifier.detect(["Naked-eye astronomy for beginners"]).flagged_ids
+    for text in ["Stars seen with the naked eye, and a naked woman.", "n a k e d eye", "A naked woman."]:
+        assert "nudity" in classifier.detect([text]).flagged_ids, text
+    exceptions = AliasDetector({"nudity": ["naked"]}, exceptions={"nudity": ["naked eye"]})
+    assert exceptions.find("naked eye") == [] and [hit.alias for hit in exceptions.find("naked")] == ["naked"]

@@ -63,6 +63,8 @@ def test_schema_file_matches_the_model() -> None:
         ("      soft_penalty: 4.0\n", "      soft_penalty: -1\n", "defaults.methods.token_penalty.soft_penalty",
          "must be 0 or greater"),
         ("      type: steer\n", "      type: obliterate\n", "concepts[0].action.type", "input should be"),
+        ("    alias_exceptions: [naked eye,", "    alias_exceptions: [starry sky,", "concepts[4].alias_exceptions",
+         "'starry sky' contains none of the concept's aliases"),
     ],
 )
 def test_invalid_field_names_file_line_and_field(tmp_path: Path, old: str, new: str, field: str, message: str) -> None:
