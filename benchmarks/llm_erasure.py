@@ -109,10 +109,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="use only N probes per concept, spread over the file's order (so over the kinds)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 is fastest on a shared machine; raise it on a dedicated one)")
+    parser.add_argument("--policy", type=Path, default=None,
+                        help="guard with this policy instead of the split's (the split's probes still judge it)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     policy_path, probes_path = SPLITS[args.split]
+    policy_path = args.policy or policy_path
     out = args.out or ROOT / "benchmarks" / "results" / f"llm_erasure_{args.split}.json"
 
     probes = load_probes(probes_path)

@@ -142,7 +142,7 @@ class ImageServing(GuardedServing[ImageGenerationRequest]):
             trace.skipped("negative_prompt", "no negative_prompt given")
             return list(decision.verdict.flagged), []
         started = time.perf_counter()
-        negative = await self.run_check(guard.policy, lambda: guard.classify([negative_prompt]))
+        negative = await self.run_check(guard.policy, lambda: guard.classify_prompt([negative_prompt]))
         trace.ran("negative_prompt", f"steers away from {', '.join(negative.flagged)}" if negative.flagged
                   else "nothing flagged", (time.perf_counter() - started) * 1000)
         return list(decision.verdict.flagged), list(negative.flagged)

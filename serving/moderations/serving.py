@@ -75,7 +75,7 @@ class ModerationServing(GuardedServing[ModerationRequest]):
 
         def run() -> list[Verdict]:
             with self.metrics.guard_timer("prompt"):
-                return [guard.classify([text]) for text in texts]
+                return [guard.classify_prompt([text]) for text in texts]
 
         return await self.run_check(guard.policy, run)
 
