@@ -90,7 +90,10 @@ def main() -> dict[str, Any]:
     answers = [(a["prompt"], a["guarded"]) for a in first["records"]]
     result = {
         "concepts": [size for size, _ in runs[:-1]],
-        "runs": [{"concepts": size, **{k: report["summary"][k] for k in METRICS}} for size, report in runs[:-1]],
+        "runs": [{"concepts": size, **{k: report["summary"][k] for k in METRICS},
+                  "retain_changed": [r["prompt"] for r in report["records"]
+                                     if r["set"] == "retain" and r["guarded"] != r["unguarded"]]}
+                 for size, report in runs[:-1]],
         "reloaded_identical": answers == [(a["prompt"], a["guarded"]) for a in last["records"]],
         "reloaded": {k: last["summary"][k] for k in METRICS},
     }
