@@ -38,6 +38,11 @@ class ConceptScore:
 class Classification:
     scores: list[ConceptScore] = field(default_factory=list)  # strongest first
 
+    @classmethod
+    def ranked(cls, scores: Sequence[ConceptScore]) -> "Classification":
+        """Scores of several detectors in the one order: flagged first, then by margin (one scale for all)."""
+        return cls(sorted(scores, key=lambda s: (not s.flagged, -s.margin)))
+
     @property
     def flagged(self) -> list[ConceptScore]:
         return [s for s in self.scores if s.flagged]
@@ -84,8 +89,7 @@ class CombinedDetector(Detector):
 
 
 def _merged(classifications: Sequence[Classification]) -> Classification:
-    scores = [score for classification in classifications for score in classification.scores]
-    return Classification(sorted(scores, key=lambda s: (not s.flagged, -s.margin)))
+    return Classification.ranked([score for classification in classifications for score in classification.scores])
 
 
 def clip(text: str, limit: int = 60) -> str:

@@ -145,21 +145,27 @@ class Guard:
         """The verdict on a request's texts: :meth:`classify`, and a steered concept not flagged otherwise whose
         knowledge names a text uses ("Charmander" for a pokemon concept) is steered too — weak evidence, so it
         never refuses."""
+        return self._classify_prompt(texts, stop_on_refusal)[0]
+
+    def _classify_prompt(self, texts: Sequence[str], stop_on_refusal: bool
+                         ) -> tuple[Verdict, list[tuple[int, AliasHit]]]:
+        """:meth:`classify_prompt`, with the knowledge-name hits it read (none when the request is refused)."""
         verdict = self.classify(texts, stop_on_refusal)
         if verdict.refused:
-            return verdict
+            return verdict, []
+        hits = self._knowledge_hits(texts)
         flagged = set(verdict.flagged)
         found: dict[str, ConceptScore] = {}
-        for source, hit in self._knowledge_hits(texts):
+        for source, hit in hits:
             if hit.concept_id not in flagged and hit.concept_id not in found:
                 found[hit.concept_id] = ConceptScore(
                     concept_id=hit.concept_id, score=1.0, threshold=1.0, flagged=True, detector="knowledge",
                     evidence=f"knowledge name '{hit.alias}' of its forget store or profile in message {source}")
         if not found:
-            return verdict
+            return verdict, hits
         scores = [s for s in verdict.classification.scores if s.concept_id not in found] + list(found.values())
-        return Verdict(Classification(sorted(scores, key=lambda s: (not s.flagged, -s.margin))), verdict.refused,
-                       verdict.steered + list(found), verdict.logged)
+        return Verdict(Classification.ranked(scores), verdict.refused, verdict.steered + list(found),
+                       verdict.logged), hits
 
     def _knowledge_hits(self, texts: Sequence[str]) -> list[tuple[int, AliasHit]]:
         try:
@@ -180,13 +186,13 @@ class Guard:
     def check_prompt(self, texts: Sequence[str]) -> PromptDecision:
         """Raise :class:`ConceptRefused` for refused concepts; otherwise say which concepts to erase."""
         started = time.perf_counter()
-        verdict = self.classify_prompt(texts, stop_on_refusal=True)
+        verdict, named = self._classify_prompt(texts, stop_on_refusal=True)
         ms = (time.perf_counter() - started) * 1000
         if verdict.refused:
             raise ConceptRefused(verdict.refused, self.refusal_message(verdict.refused), ms=ms)
         decision = self.prompt_decision(verdict)
         if decision.penalized:
-            echoed = [hit.alias for _, hit in self._knowledge_hits(texts) if hit.concept_id in decision.penalized]
+            echoed = [hit.alias for _, hit in named if hit.concept_id in decision.penalized]
             terms = self._forget_terms(texts, decision.penalized)
             decision = replace(decision, terms=terms + tuple(t for t in dict.fromkeys(echoed) if t not in terms))
         return replace(decision, ms=(time.perf_counter() - started) * 1000)
@@ -235,8 +241,8 @@ class Guard:
         named |= {s.concept_id for s in misses}
         steered = list(dict.fromkeys(verdict.steered + [s.concept_id for s in misses]))  # near misses: steer only
         if misses:
-            scores = sorted(verdict.classification.scores + misses, key=lambda s: (not s.flagged, -s.margin))
-            verdict = Verdict(Classification(scores), verdict.refused, steered, verdict.logged)
+            verdict = Verdict(Classification.ranked(verdict.classification.scores + misses), verdict.refused,
+                              steered, verdict.logged)
         leaked = verdict.refused + [cid for cid in steered if cid in named]
         if not leaked:
             return OutputDecision(OutputAction.send, verdict)
